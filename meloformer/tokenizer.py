@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_tokenizer.ipynb 3
 from __future__ import annotations
-import argparse, dataclasses, hashlib, io, json, math, os, sys
+import argparse, dataclasses, gc, io, json, os, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,35 +313,33 @@ def _write_tokens(cfg: TokenizerConfig, vocab_index: dict, ranges: dict, lay: La
 # %% ../nbs/00_tokenizer.ipynb
 _ONSET, _PITCH, _DUR, _VEL, _CHORD, _TRACK, _OTHER = range(7)
 
+def _last_per_key(keys, values) -> dict:
+    "{key: value} keeping the last value given for each key."
+    return dict(zip(np.asarray(keys).tolist(), np.asarray(values).tolist()))
+
 def _decode(tok, ids) -> miditoolkit.MidiFile:
     cfg, r = tok.config, tok.ranges
-    group = tok._group_of
-    header_ts, header_bpm = (4, 4), int(tempo_bin(cfg, 120.0))
-    ts_change, bpm_change = {}, {}
-    tracks, notes, bar, pending = [], None, -1, None      # pending: [pos, pitch, dur] of the note being read
-    for i in np.asarray(ids, np.int64).tolist():
-        if not 0 <= i < len(tok.vocab): continue
-        g = group[i]
-        if i == r['special'][2]: break                                # EOS
-        if g == 'program':
-            notes = []; tracks.append((i - r['program'][1] if i > r['program'][0] else 0, i == r['program'][0], notes))
-            bar, pending = -1, None
-        elif g == 'chord':
-            if notes is not None: bar, pending = bar + 1, None
-        elif g in ('ts', 'bpm'):
-            value = tok._ts_of[i] if g == 'ts' else i - r['bpm'][0]
-            if not tracks:
-                if g == 'ts': header_ts = value
-                else: header_bpm = value
-            elif len(tracks) == 1 and bar >= 0 and pending is None:
-                (ts_change if g == 'ts' else bpm_change)[bar] = value
-        elif notes is None or bar < 0: continue
-        elif g == 'onset': pending = [i - r['onset'][0]]
-        elif g == 'pitch' and pending is not None and len(pending) == 1: pending.append(i - r['pitch'][0])
-        elif g == 'dur' and pending is not None and len(pending) == 2: pending.append(i - r['dur'][0] + 1)
-        elif g == 'vel' and pending is not None and len(pending) == 3:
-            notes.append((bar, *pending, i - r['vel'][0])); pending = None
-    n_bars = max([1] + [max([b for b, *_ in n] + [-1]) + 1 for *_, n in tracks])
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    ids = ids[(ids >= 0) & (ids < tok.vocab_size)]
+    eos = np.flatnonzero(ids == tok.eos_id)
+    ids = ids[:eos[0]] if len(eos) else ids
+    meta = tok.annotate(ids)
+    kind, track, bar = meta['kind'], meta['track'], meta['bar']
+    # a note is four consecutive tokens onset, pitch, duration, velocity inside a bar; anything else is skipped
+    n = len(ids)
+    start = np.flatnonzero((kind[:max(n - 3, 0)] == _ONSET) & (bar[:max(n - 3, 0)] >= 0))
+    start = start[(kind[start + 1] == _PITCH) & (kind[start + 2] == _DUR) & (kind[start + 3] == _VEL)]
+    prog_at = np.flatnonzero(tok._is_program[ids])
+    programs = [(0, True) if i == r['program'][0] else (i - r['program'][1], False) for i in ids[prog_at].tolist()]
+    # meter and tempo: the last ones before the first track, then changes after track 0's bar tokens
+    is_ts, is_bpm = np.isin(ids, list(tok._ts_of)), (ids >= r['bpm'][0]) & (ids < r['bpm'][-1] + 1)
+    before = np.arange(n) < (prog_at[0] if len(prog_at) else n)
+    header_ts = tok._ts_of[int(ids[is_ts & before][-1])] if (is_ts & before).any() else (4, 4)
+    header_bpm = int(ids[is_bpm & before][-1] - r['bpm'][0]) if (is_bpm & before).any() else int(tempo_bin(cfg, 120.0))
+    in_track0 = (track == 0) & (bar >= 0)
+    ts_change = _last_per_key(bar[is_ts & in_track0], [tok._ts_of[i] for i in ids[is_ts & in_track0].tolist()])
+    bpm_change = _last_per_key(bar[is_bpm & in_track0], ids[is_bpm & in_track0] - r['bpm'][0])
+    n_bars = int(bar.max()) + 1 if n and bar.max() >= 0 else 1
     sigs, bpms, sig, bpm = [], [], header_ts, header_bpm
     for b in range(n_bars):
         sig, bpm = ts_change.get(b, sig), bpm_change.get(b, bpm); sigs.append(sig); bpms.append(bpm)
@@ -353,13 +351,21 @@ def _decode(tok, ids) -> miditoolkit.MidiFile:
                           if b == 0 or v != bpms[b - 1]]
     midi.time_signature_changes = [miditoolkit.TimeSignature(s[0], s[1], int(bar_starts[b])) for b, s in enumerate(sigs)
                                    if b == 0 or s != sigs[b - 1]]
-    vel_of = velocity_of_bin(cfg, np.arange(cfg.n_velocity_bins)).tolist()
-    for program, is_drum, track_notes in tracks:
-        inst = miditoolkit.Instrument(program=program, is_drum=is_drum, name='Drums' if is_drum else f'Program {program}')
-        for b, pos, pitch, dur, vel in track_notes:
-            start = int(bar_starts[b]) + pos * step_ticks
-            inst.notes.append(miditoolkit.Note(velocity=vel_of[vel], pitch=pitch, start=start, end=start + dur * step_ticks))
-        midi.instruments.append(inst)
+    onset = bar_starts[bar[start]] + (ids[start] - r['onset'][0]) * step_ticks
+    end = onset + (ids[start + 2] - r['dur'][0] + 1) * step_ticks
+    pitch, vel = ids[start + 1] - r['pitch'][0], velocity_of_bin(cfg, ids[start + 3] - r['vel'][0])
+    note_track = track[start]
+    cut = np.searchsorted(note_track, np.arange(len(programs) + 1))     # notes come track by track
+    Note, gc_was_on = miditoolkit.Note, gc.isenabled()
+    gc.disable()             # tens of thousands of small objects: the cyclic collector would rescan them again and again
+    try:
+        for t, (program, is_drum) in enumerate(programs):
+            inst = miditoolkit.Instrument(program=program, is_drum=is_drum, name='Drums' if is_drum else f'Program {program}')
+            sl = slice(cut[t], cut[t + 1])
+            inst.notes = [Note(v, p, s, e) for v, p, s, e in zip(vel[sl].tolist(), pitch[sl].tolist(), onset[sl].tolist(), end[sl].tolist())]
+            midi.instruments.append(inst)
+    finally:
+        if gc_was_on: gc.enable()
     return midi
 
 # %% ../nbs/00_tokenizer.ipynb
