@@ -12,7 +12,7 @@ import pandas as pd
 import miditoolkit
 import matplotlib.pyplot as plt
 
-from .tokenizer import (Piece, TokenizerConfig, QUALITIES, PITCH_CLASSES, read_piece, bar_grid, _layout)
+from .tokenizer import (Piece, TokenizerConfig, QUALITIES, read_piece, bar_grid, _layout, _round_half_up)
 
 # %% auto 0
 __all__ = ['SCALES', 'CONSONANT_INTERVALS', 'CHORD_PITCH_CLASSES', 'METRICS', 'pitch_class_histogram', 'pitch_class_entropy',
@@ -81,7 +81,8 @@ def empty_beat_rate(src) -> float:
 
 # %% ../nbs/08_evaluate.ipynb
 def _to_steps(ticks, ticks_per_quarter: int, steps_per_quarter: int) -> np.ndarray:
-    return np.floor(np.asarray(ticks, np.float64) * steps_per_quarter / ticks_per_quarter + 0.5).astype(np.int64)
+    "Ticks to grid steps, rounded half up as the tokenizer's grid does."
+    return _round_half_up(np.asarray(ticks, np.float64) * steps_per_quarter / ticks_per_quarter)
 
 def _bars(piece: Piece, steps_per_quarter: int, n_steps: int):
     "Bar start steps and bar lengths (steps) covering `n_steps` grid steps, from the tokenizer's `bar_grid`."
