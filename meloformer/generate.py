@@ -461,11 +461,12 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument('--num_samples', type=int, default=1, help="samples drawn as one batch")
     p.add_argument('--max_bar_notes', type=int, default=32, help="most notes a sampled bar may hold")
     p.add_argument('--device', default='auto', help="auto | cpu | cuda")
+    p.add_argument('--threads', type=int, default=1, help="CPU threads (a decoding step is many tiny products: one thread is fastest)")
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     return p
 
 def _check_args(a):
-    for name in ('prompt_bars', 'prompt_tracks', 'bars', 'num_samples', 'max_bar_notes'):
+    for name in ('prompt_bars', 'prompt_tracks', 'bars', 'num_samples', 'max_bar_notes', 'threads'):
         v = getattr(a, name)
         if v is not None and v < 1: raise ValueError(f"--{name} must be >= 1, not {v}")
     if a.temperature < 0: raise ValueError(f"--temperature must be >= 0, not {a.temperature}")
@@ -482,6 +483,7 @@ def main(argv=None) -> int:
     try:
         _check_args(a)
         device = ('cuda' if torch.cuda.is_available() else 'cpu') if a.device == 'auto' else a.device
+        if device == 'cpu': torch.set_num_threads(a.threads)
         tok = HIDTokenizer.load(a.checkpoint)
         model = MeloFormer.from_pretrained(a.checkpoint, device=device).eval()
         if a.prompt:
@@ -502,3 +504,7 @@ def main(argv=None) -> int:
     print(f"{stats['new_tokens']} tokens in {stats['seconds']:.1f}s: {stats['tokens_per_s']:.0f} tokens/s "
           f"({len(ids)} samples, prompt {stats['prompt_tokens']} tokens)")
     return 0
+
+# %% ../nbs/07_generate.ipynb
+#| eval: false
+if __name__ == '__main__': sys.exit(main())
