@@ -4,14 +4,17 @@
 
 # %% ../nbs/05_memory.ipynb 3
 from __future__ import annotations
-import csv, os, re, time
+import argparse, csv, json, math, os, re, subprocess, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['MemoryTracker', 'plot_phase_memory']
+__all__ = ['CPU_RUNTIME_MB', 'MemoryTracker', 'plot_phase_memory', 'summary_slots', 'estimate_memory', 'saved_tensor_bytes',
+           'measure_step', 'compare_estimates', 'find_max_seq_len', 'find_max_batch', 'plot_memory_vs_length',
+           'plot_breakdown', 'memory_parser', 'default_budget_gb', 'main']
 
 # %% ../nbs/05_memory.ipynb
 def _status_mb(pid='self', key='VmHWM') -> float:
@@ -95,3 +98,255 @@ def plot_phase_memory(rows: list[dict], path=None, budget_gb: float | None = Non
         fig.tight_layout()
         if path: fig.savefig(path); plt.close(fig)
     return ax
+
+# %% ../nbs/05_memory.ipynb
+CPU_RUNTIME_MB = 93.0          # allocator and kernel workspaces of a first CPU training step (measured: tiny model, 128 tokens)
+
+def summary_slots(seq_len: int, tokens_per_segment: float = 20.0, multiple: int = 64) -> int:
+    "Expected summary slots per row, rounded up as `n_summary_slots` does."
+    return max(multiple, -(-int(math.ceil(seq_len / tokens_per_segment)) // multiple) * multiple)
+
+def estimate_memory(cfg, batch_size: int, seq_len: int, precision: str = 'fp32', checkpointing: str | None = None,
+                    backend: str = 'sdpa', device: str = 'cpu', tokens_per_segment: float = 20.0, n_params: int | None = None) -> dict:
+    "Estimated peak MiB of one training step of a `ModelConfig`, with its breakdown."
+    d, h, n_layer, V = cfg.d_model, cfg.ffn_hidden, cfg.n_layer, cfg.vocab_size
+    if n_params is None:
+        with torch.device('meta'):
+            from meloformer.model import MeloFormer
+            n_params = MeloFormer(cfg).n_params()
+    ckpt = checkpointing or cfg.checkpointing
+    act_bytes = 2 if precision == 'bf16' else 4
+    B, L = batch_size, seq_len
+    S = summary_slots(L, tokens_per_segment, cfg.mask.summary_multiple) if cfg.mask.summaries else 0
+    per_token = {'none': 13.4 * d + 4 * h, 'ffn': 14.4 * d, 'full': d}[ckpt]
+    layer_tokens = B * (L + S) * (13.4 * d + 4 * h) * act_bytes          # one layer's full set (recompute / backward)
+    masks = n_layer * (B * L * (L + S) + B * S * (S + L)) * 4 if backend == 'sdpa' else 0
+    mask_working = 16 * B * L * (L + S) if backend == 'sdpa' else 0     # building a dense mask, the kernel's backward
+    mib = 2 ** 20
+    parts = dict(params=4 * n_params / mib, grads=4 * n_params / mib, optimizer=8 * n_params / mib,
+                 activations=n_layer * B * (L + S) * per_token * act_bytes / mib, attention_masks=masks / mib,
+                 logits=2 * B * L * V * 4 / mib, backward_working=(layer_tokens + mask_working) / mib,
+                 runtime=CPU_RUNTIME_MB if device == 'cpu' else 0.0)
+    parts['total'] = sum(parts.values())
+    return {k: round(v, 1) for k, v in parts.items()} | dict(summary_slots=S, n_params=n_params)
+
+# %% ../nbs/05_memory.ipynb
+def saved_tensor_bytes(model, ids, meta) -> int:
+    "Bytes of the distinct non-parameter storages autograd saves in one forward + loss of `model`."
+    import torch.nn.functional as F
+    seen, params = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes(); return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(ids, meta)
+        F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+    return sum(v for k, v in seen.items() if k not in params)
+
+# %% ../nbs/05_memory.ipynb
+def _step_peak(size: str, batch_size: int, seq_len: int, device: str = 'cpu', precision: str = 'fp32',
+               checkpointing: str = 'none', backend: str = 'sdpa', steps: int = 2) -> dict:
+    "Peak MiB of `steps` training steps in this process (see `measure_step`)."
+    from meloformer.model import MeloFormer, ModelConfig
+    from meloformer.data import demo_dataset, make_loader
+    from meloformer.train import batch_to, lm_loss
+    ds = demo_dataset('train', max_seq_len=seq_len)
+    ids, meta, labels = batch_to(next(iter(make_loader(ds, batch_size, seed=0))), device)
+    if ids.shape[1] < seq_len:                 # the demo's rows are short of long lengths: tile the batch to seq_len
+        reps = -(-seq_len // ids.shape[1])
+        ids, labels = ids.repeat(1, reps)[:, :seq_len], labels.repeat(1, reps)[:, :seq_len]
+        base_seg = meta['seg'].max() + 1
+        meta = {k: torch.cat([torch.where(v >= 0, v + i * base_seg, v) if k in ('seg', 'note') else v for i in range(reps)], 1)[:, :seq_len]
+                for k, v in meta.items()}
+    cuda = device.startswith('cuda')
+    if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated() / 2**20
+    else: base = _status_mb(key='VmRSS'); _reset_hwm()
+    model = MeloFormer(ModelConfig.from_size(size, vocab_size=ds.tok.vocab_size, attn_backend=backend, checkpointing=checkpointing)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16, enabled=precision == 'bf16')
+    for _ in range(steps):
+        masks = model.build_masks(meta)
+        with autocast: logits = model(ids, meta, masks)
+        lm_loss(logits, labels).backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 2**20 - base if cuda else _status_mb() - base
+    return dict(size=size, batch_size=batch_size, seq_len=int(ids.shape[1]), summary_slots=int(masks.meta.S), peak_mb=round(peak, 1))
+
+def measure_step(size: str, batch_size: int, seq_len: int, device: str = 'cpu', **kw) -> dict:
+    "Measured peak MiB of a training step (CPU: in a fresh subprocess)."
+    if device.startswith('cuda'): return _step_peak(size, batch_size, seq_len, device, **kw)
+    args = json.dumps(dict(size=size, batch_size=batch_size, seq_len=seq_len, **kw))
+    r = subprocess.run([sys.executable, '-c', f"import json; from meloformer.memory import _step_peak; print(json.dumps(_step_peak(**json.loads({args!r}))))"],
+                       capture_output=True, text=True)
+    if r.returncode: raise RuntimeError(f"measuring {size} B{batch_size} L{seq_len} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+# %% ../nbs/05_memory.ipynb
+def compare_estimates(grid, device: str = 'cpu', **kw):
+    "DataFrame of measured vs estimated peak MiB over (size, batch, length) triples."
+    import pandas as pd
+    from meloformer.model import ModelConfig
+    from meloformer.tokenizer import HIDTokenizer
+    V, rows = HIDTokenizer().vocab_size, []
+    for size, B, L in grid:
+        m = measure_step(size, B, L, device, **kw)
+        e = estimate_memory(ModelConfig.from_size(size, vocab_size=V), B, m['seq_len'], device=device,
+                            backend=kw.get('backend', 'sdpa'), precision=kw.get('precision', 'fp32'), checkpointing=kw.get('checkpointing'))
+        rows.append(dict(size=size, batch=B, seq_len=m['seq_len'], measured_mb=m['peak_mb'], estimated_mb=e['total'],
+                         error_pct=round(100 * (e['total'] / m['peak_mb'] - 1), 1)))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/05_memory.ipynb
+def _fits_cuda(size, batch_size, seq_len, budget_mb, **kw) -> bool:
+    try: return _step_peak(size, batch_size, seq_len, 'cuda', **kw)['peak_mb'] <= budget_mb
+    except torch.cuda.OutOfMemoryError: return False
+    finally: torch.cuda.empty_cache()
+
+def _largest(fits, lo: int, hi: int) -> int:
+    "Largest x in [lo, hi] with fits(x) (fits monotone decreasing); lo - 1 if none."
+    if not fits(lo): return lo - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid): lo = mid
+        else: hi = mid - 1
+    return lo
+
+def _plan(device: str, measure: bool | None) -> tuple[bool, bool]:
+    "(plan for CUDA, measure real steps): measuring needs the device to be there."
+    cuda = device.startswith('cuda')
+    return cuda, (cuda and torch.cuda.is_available()) if measure is None else measure
+
+def find_max_seq_len(size: str, budget_gb: float, batch_size: int = 1, device: str = 'cpu', max_len: int = 262_144,
+                     multiple: int = 128, precision: str | None = None, backend: str | None = None, checkpointing: str = 'none',
+                     measure: bool | None = None) -> dict:
+    "Longest padded length (a multiple of `multiple`) whose training step fits `budget_gb` on `device`."
+    from meloformer.model import ModelConfig
+    from meloformer.tokenizer import HIDTokenizer
+    cuda, measure = _plan(device, measure)
+    precision = precision or ('bf16' if cuda else 'fp32'); backend = backend or ('flex' if cuda else 'sdpa')
+    cfg, budget = ModelConfig.from_size(size, vocab_size=HIDTokenizer().vocab_size, checkpointing=checkpointing), budget_gb * 1024
+    n = None
+    if measure: fits = lambda k: _fits_cuda(size, batch_size, k * multiple, budget, precision=precision, backend=backend, checkpointing=checkpointing)
+    else:
+        with torch.device('meta'):
+            from meloformer.model import MeloFormer
+            n = MeloFormer(cfg).n_params()
+        fits = lambda k: estimate_memory(cfg, batch_size, k * multiple, precision, checkpointing, backend, device, n_params=n)['total'] <= budget
+    k = _largest(fits, 1, max_len // multiple)
+    return dict(size=size, batch_size=batch_size, budget_gb=budget_gb, max_seq_len=max(k, 0) * multiple,
+                how='measured' if measure else 'estimated', device=device, precision=precision, backend=backend, checkpointing=checkpointing)
+
+def find_max_batch(size: str, seq_len: int, budget_gb: float, device: str = 'cpu', max_batch: int = 4096,
+                   precision: str | None = None, backend: str | None = None, checkpointing: str = 'none', measure: bool | None = None) -> dict:
+    "Largest batch of `seq_len`-token rows whose training step fits `budget_gb` on `device`."
+    from meloformer.model import ModelConfig, MeloFormer
+    from meloformer.tokenizer import HIDTokenizer
+    cuda, measure = _plan(device, measure)
+    precision = precision or ('bf16' if cuda else 'fp32'); backend = backend or ('flex' if cuda else 'sdpa')
+    cfg, budget = ModelConfig.from_size(size, vocab_size=HIDTokenizer().vocab_size, checkpointing=checkpointing), budget_gb * 1024
+    if measure: fits = lambda b: _fits_cuda(size, b, seq_len, budget, precision=precision, backend=backend, checkpointing=checkpointing)
+    else:
+        with torch.device('meta'): n = MeloFormer(cfg).n_params()
+        fits = lambda b: estimate_memory(cfg, b, seq_len, precision, checkpointing, backend, device, n_params=n)['total'] <= budget
+    return dict(size=size, seq_len=seq_len, budget_gb=budget_gb, max_batch=max(_largest(fits, 1, max_batch), 0),
+                how='measured' if measure else 'estimated', device=device, precision=precision, backend=backend, checkpointing=checkpointing)
+
+# %% ../nbs/05_memory.ipynb
+def plot_memory_vs_length(df, path=None, budget_gb=None):
+    "Peak GiB against sequence length, one line per (size, batch); estimates dashed."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=80)
+    for (size, batch), g in df.groupby(['size', 'batch']):
+        g = g.sort_values('seq_len')
+        line = None
+        if g['measured_mb'].notna().any():
+            line, = ax.plot(g.seq_len, g.measured_mb / 1024, 'o-', ms=3, label=f'{size} x{batch} measured')
+        ax.plot(g.seq_len, g.estimated_mb / 1024, '--', color=line.get_color() if line else None, lw=1, label=f'{size} x{batch} estimated')
+    if budget_gb: ax.axhline(budget_gb, color='crimson', lw=1, ls=':', label=f'budget {budget_gb:g} GiB')
+    ax.set_xscale('log', base=2); ax.set_xlabel('sequence length'); ax.set_ylabel('peak GiB'); ax.legend(fontsize=6)
+    ax.set_title('training-step peak memory vs length', fontsize=9); fig.tight_layout()
+    if path: fig.savefig(path); plt.close(fig)
+    return fig
+
+def plot_breakdown(estimates: list[dict], labels: list[str], path=None):
+    "Stacked bars of the estimate's parts."
+    import matplotlib.pyplot as plt
+    parts = ['params', 'grads', 'optimizer', 'activations', 'attention_masks', 'logits', 'backward_working', 'runtime']
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=80)
+    bottom = np.zeros(len(estimates))
+    for p in parts:
+        v = np.array([e[p] for e in estimates]) / 1024
+        ax.bar(range(len(estimates)), v, bottom=bottom, label=p); bottom += v
+    ax.set_xticks(range(len(labels))); ax.set_xticklabels(labels, fontsize=6, rotation=30, ha='right')
+    ax.set_ylabel('GiB'); ax.legend(fontsize=6); ax.set_title('estimated peak, by part', fontsize=9); fig.tight_layout()
+    if path: fig.savefig(path); plt.close(fig)
+    return fig
+
+def memory_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m meloformer.memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Profile training-step memory over model sizes, batch sizes and lengths; find what fits a budget.")
+    p.add_argument('--model_size', default='tiny,small', help="comma-separated sizes (tiny, small, base, large, xlarge)")
+    p.add_argument('--seq_lens', default='512,1024,2048', help="comma-separated sequence lengths")
+    p.add_argument('--batch_sizes', default='1,2', help="comma-separated batch sizes")
+    p.add_argument('--out_dir', default='runs/memory', help="where the CSV and charts go")
+    p.add_argument('--precision', default=None, choices=['fp32', 'bf16'], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument('--attn_backend', default=None, choices=['flex', 'sdpa'], help="default: flex on CUDA, sdpa on CPU")
+    p.add_argument('--grad_checkpointing', default='none', choices=['none', 'ffn', 'full'])
+    p.add_argument('--estimate_only', action='store_true', help="no real steps: the estimator alone")
+    p.add_argument('--find_max_seq_len', action='store_true', help="longest length per size under --budget_gb")
+    p.add_argument('--find_max_batch', action='store_true', help="largest batch per size and length under --budget_gb")
+    p.add_argument('--budget_gb', type=float, default=None, help="memory budget (default: this device's free memory minus 10%%)")
+    p.add_argument('--device', default=None, choices=['cpu', 'cuda'], help="device to plan for (default: this machine's); "
+                   "planning for CUDA without one uses the estimator alone")
+    return p
+
+def default_budget_gb(device: str) -> float:
+    "Free memory of the device (CUDA) or of the machine (CPU: MemAvailable), minus a 10% margin."
+    if device.startswith('cuda'): free, _ = torch.cuda.mem_get_info(); return 0.9 * free / 2**30
+    return 0.9 * _status_mb_meminfo('MemAvailable') / 1024
+
+def _status_mb_meminfo(key):
+    return int(re.search(rf'{key}:\s+(\d+)', Path('/proc/meminfo').read_text()).group(1)) / 1024
+
+def main(argv=None) -> int:
+    import pandas as pd
+    from tqdm.auto import tqdm
+    from meloformer.model import ModelConfig
+    from meloformer.tokenizer import HIDTokenizer
+    a = memory_parser().parse_args(argv)
+    try:
+        sizes = a.model_size.split(','); lens = [int(x) for x in a.seq_lens.split(',')]; batches = [int(x) for x in a.batch_sizes.split(',')]
+        for s in sizes: ModelConfig.from_size(s)
+    except ValueError as e: print(f"error: {e}", file=sys.stderr); return 2
+    device = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device == 'cuda' and not torch.cuda.is_available(): a.estimate_only = True
+    if device == 'cuda' and a.budget_gb is None and not torch.cuda.is_available(): print("error: planning for CUDA here needs --budget_gb", file=sys.stderr); return 2
+    precision = a.precision or ('bf16' if device == 'cuda' else 'fp32'); backend = a.attn_backend or ('flex' if device == 'cuda' else 'sdpa')
+    out = Path(a.out_dir); out.mkdir(parents=True, exist_ok=True)
+    budget = a.budget_gb or default_budget_gb(device)
+    V, rows, ests, labels = HIDTokenizer().vocab_size, [], [], []
+    for size, B, L in tqdm([(s, b, l) for s in sizes for b in batches for l in lens], desc='profile'):
+        e = estimate_memory(ModelConfig.from_size(size, vocab_size=V), B, L, precision, a.grad_checkpointing, backend, device)
+        m = None
+        if not a.estimate_only:
+            try: m = measure_step(size, B, L, device, precision=precision, backend=backend, checkpointing=a.grad_checkpointing)['peak_mb']
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as err: print(f"{size} x{B} @ {L}: {err}", file=sys.stderr)
+        rows.append(dict(size=size, batch=B, seq_len=L, device=device, precision=precision, backend=backend,
+                         measured_mb=m, estimated_mb=e['total'], error_pct=None if m is None else round(100 * (e['total'] / m - 1), 1)))
+        ests.append(e); labels.append(f'{size} x{B} @{L}')
+    df = pd.DataFrame(rows); df.to_csv(out/'memory_profile.csv', index=False)
+    plot_memory_vs_length(df, out/'memory_vs_length.png', a.budget_gb); plot_breakdown(ests, labels, out/'memory_breakdown.png')
+    print(df.to_string(index=False)); print(f"wrote {out/'memory_profile.csv'}, memory_vs_length.png, memory_breakdown.png")
+    for size in sizes if (a.find_max_seq_len or a.find_max_batch) else []:
+        if a.find_max_seq_len:
+            r = find_max_seq_len(size, budget, device=device, precision=precision, backend=backend, checkpointing=a.grad_checkpointing,
+                                 measure=False if a.estimate_only else None)
+            print(f"{size}: longest sequence under {budget:.1f} GB at batch 1: {r['max_seq_len']} tokens ({r['how']}, {device}, {precision}, {backend})")
+        if a.find_max_batch:
+            for L in lens:
+                r = find_max_batch(size, L, budget, device=device, precision=precision, backend=backend, checkpointing=a.grad_checkpointing,
+                                   measure=False if a.estimate_only else None)
+                print(f"{size}: largest batch of {L} tokens under {budget:.1f} GB: {r['max_batch']} ({r['how']}, {device}, {precision}, {backend})")
+    return 0
+
+# %% ../nbs/05_memory.ipynb
+#| eval: false
+if __name__ == '__main__': sys.exit(main())

@@ -232,7 +232,6 @@ class Trainer:
         from meloformer.model import MeloFormer, ModelConfig
         from meloformer.attention import MaskConfig
         from meloformer.data import ShardDataset, demo_dataset
-        from meloformer.phases import make_schedule
         from meloformer.memory import MemoryTracker
         cuda = torch.cuda.is_available() and cfg.device in ('auto', 'cuda')
         self.cfg = cfg = resolve_config(cfg, cuda)
@@ -254,7 +253,7 @@ class Trainer:
         self.model = MeloFormer(mcfg).to(self.device)
         self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                      fused=cuda)
-        self.schedule = make_schedule(cfg.phases, cfg.batch_size, cfg.num_workers, cfg.gradient_accumulation_steps, cfg.constant_samples)
+        self.schedule = self._schedule(cfg, bf16)
         from meloformer.data import PackedBatchSampler
         self.rows_per_epoch = len(PackedBatchSampler(self.train_ds.lengths, 1, cfg.max_seq_len, cfg.seed).rows())
         self.max_steps = cfg.max_steps or steps_for_epochs(self.schedule, self.rows_per_epoch, cfg.epochs or 1, self.dist.world_size)
@@ -272,6 +271,21 @@ class Trainer:
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.forward = DDP(self.forward, device_ids=[self.dist.local_rank] if cuda else None)
+
+    def _schedule(self, cfg, bf16):
+        "The phase table; with `--phases auto` the full-speed batch is the largest that fits this device's free memory."
+        from meloformer.phases import make_schedule, release_schedule
+        if cfg.phases != 'auto':
+            return make_schedule(cfg.phases, cfg.batch_size, cfg.num_workers, cfg.gradient_accumulation_steps, cfg.constant_samples)
+        from meloformer.memory import find_max_batch, default_budget_gb
+        budget = default_budget_gb(self.device.type)
+        fit = find_max_batch(cfg.model_size, cfg.max_seq_len, budget, device=self.device.type, precision='bf16' if bf16 else 'fp32',
+                             backend=self.model.cfg.attn_backend if self.model.cfg.attn_backend != 'auto' else ('flex' if self.device.type == 'cuda' else 'sdpa'),
+                             checkpointing=cfg.grad_checkpointing)
+        if fit['max_batch'] < 1: raise ValueError(f"--phases auto: not even batch 1 of {cfg.max_seq_len} tokens fits {budget:.1f} GB")
+        self.auto_batch = fit
+        if self.dist.main: print(f"phases auto: batch {fit['max_batch']} x {cfg.max_seq_len} fits {budget:.1f} GB ({fit['how']})", file=sys.stderr)
+        return release_schedule(fit['max_batch'], cfg.num_workers, cfg.gradient_accumulation_steps, cfg.constant_samples)
 
     # --- checkpoints
     def state(self) -> dict:
@@ -417,7 +431,7 @@ _HELP = dict(
     data_dir="a folder made by `python -m meloformer.data` (default: the embedded demo corpus)", out_dir="where checkpoints, logs and charts go",
     lr="peak learning rate", min_lr_frac="final LR as a fraction of --lr (cosine)", warmup_steps="linear warm-up steps",
     weight_decay="AdamW weight decay (matrices only)", grad_clip="gradient norm clip",
-    phases="release | none | a JSON phase table (file or string)", constant_samples="keep rows per optimizer step constant across phases",
+    phases="release | none | auto (release, full-speed batch = the largest that fits free memory) | a JSON phase table (file or string)", constant_samples="keep rows per optimizer step constant across phases",
     compile="torch.compile the model (bounded shapes)", recompile_limit="dynamo recompile limit per frame (exceeding it is an error)",
     grad_checkpointing="none | ffn | full", precision="auto | fp32 | bf16", attn_backend="auto | flex | sdpa",
     mask_preset="museformer | meloformer | dense", transpose="random transposition of pitched tracks, +- semitones",
