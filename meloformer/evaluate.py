@@ -15,11 +15,12 @@ import matplotlib.pyplot as plt
 from .tokenizer import (Piece, TokenizerConfig, QUALITIES, read_piece, bar_grid, _layout, _round_half_up)
 
 # %% auto 0
-__all__ = ['SCALES', 'CONSONANT_INTERVALS', 'CHORD_PITCH_CLASSES', 'METRICS', 'pitch_class_histogram', 'pitch_class_entropy',
-           'scale_consistency', 'n_pitch_classes_used', 'pitch_range', 'empty_beat_rate', 'groove_consistency',
-           'polyphony', 'track_consonance', 'chord_tone_ratio', 'bar_similarity_matrix', 'bar_self_similarity',
-           'music_metrics', 'metrics_table', 'random_midi', 'pitch_class_distance', 'compare_to_reference',
-           'plot_metrics']
+__all__ = ['SCALES', 'CONSONANT_INTERVALS', 'CHORD_PITCH_CLASSES', 'METRICS', 'KIND_NAMES', 'pitch_class_histogram',
+           'pitch_class_entropy', 'scale_consistency', 'n_pitch_classes_used', 'pitch_range', 'empty_beat_rate',
+           'groove_consistency', 'polyphony', 'track_consonance', 'chord_tone_ratio', 'bar_similarity_matrix',
+           'bar_self_similarity', 'music_metrics', 'metrics_table', 'random_midi', 'pitch_class_distance',
+           'compare_to_reference', 'plot_metrics', 'loss_by_kind', 'load_checkpoint_dir', 'evaluate_checkpoint',
+           'evaluate_parser', 'main', 'ablation']
 
 # %% ../nbs/08_evaluate.ipynb
 def _as_piece(src) -> Piece:
@@ -277,3 +278,143 @@ def plot_metrics(tables: dict, metrics=METRICS, ncols: int = 5, path=None, dpi: 
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=dpi)
     return fig
+
+# %% ../nbs/08_evaluate.ipynb
+import argparse, json, sys, tempfile, time
+import torch
+from .tokenizer import HIDTokenizer
+from .model import MeloFormer, ModelConfig
+from .data import demo_dataset
+
+KIND_NAMES = ('onset', 'pitch', 'duration', 'velocity', 'bar/chord', 'track header', 'other')
+
+@torch.no_grad()
+def loss_by_kind(model, dataset, device='cpu', batch_size: int = 8, max_batches: int | None = None) -> pd.DataFrame:
+    "Validation loss and perplexity overall and per kind of target token (fixed crops and order)."
+    import torch.nn.functional as F
+    from meloformer.data import make_loader
+    from meloformer.train import batch_to
+    tok, was_training = dataset.tok, model.training
+    model.eval()
+    kind_of = torch.as_tensor(tok._kind_of_id)
+    total, count = torch.zeros(len(KIND_NAMES), dtype=torch.float64), torch.zeros(len(KIND_NAMES), dtype=torch.float64)
+    for i, batch in enumerate(make_loader(dataset, batch_size, seed=0, epoch=0)):
+        if max_batches is not None and i >= max_batches: break
+        ids, meta, labels = batch_to(batch, device)
+        logits = model(ids, meta)
+        keep = labels != -100
+        nll = F.cross_entropy(logits.float()[keep], labels[keep], reduction='none').double().cpu()
+        kind = kind_of[labels[keep].cpu()]
+        total.index_add_(0, kind, nll); count.index_add_(0, kind, torch.ones_like(nll))
+    model.train(was_training)
+    rows = [dict(kind='all', tokens=int(count.sum()), loss=float(total.sum() / count.sum().clamp(min=1)))]
+    rows += [dict(kind=KIND_NAMES[k], tokens=int(count[k]), loss=float(total[k] / count[k])) for k in range(len(KIND_NAMES)) if count[k] > 0]
+    df = pd.DataFrame(rows)
+    df['ppl'] = np.exp(df.loss.clip(upper=50)); df['share'] = df.tokens / df.tokens.iloc[0]
+    return df
+
+# %% ../nbs/08_evaluate.ipynb
+def load_checkpoint_dir(path) -> tuple:
+    "Model and tokenizer of a training run folder (`DIR/model`) or of a `save_pretrained` folder."
+    p = Path(path)
+    if (p/'model'/'config.json').exists(): p = p/'model'
+    if not (p/'config.json').exists(): raise FileNotFoundError(f"{path}: no model here (expected config.json or model/config.json)")
+    tok = HIDTokenizer.load(p) if (p/'tokenizer.json').exists() else HIDTokenizer()
+    return MeloFormer.from_pretrained(p), tok
+
+def _reference_plan(tok, dataset, n_bars: int):
+    "The most common track list of the reference pieces, their first meter and tempo, as a plan from scratch."
+    from collections import Counter
+    from meloformer.generate import plan_from_scratch
+    heads = Counter()
+    for i in range(min(len(dataset), 200)):
+        ids = dataset.piece(i)
+        heads[tuple(tok.vocab[j] for j in ids[tok._is_program[ids]])] += 1
+    tracks = [h[2:] if h != '#D' else 'drums' for h in heads.most_common(1)[0][0]]   # '#P40' -> '40'
+    ids = dataset.piece(0)
+    ts = tok.vocab[int(ids[1])][3:] if tok.vocab[int(ids[1])].startswith('TS_') else '4/4'
+    bpm = float(tok.config.tempo_bins()[int(ids[2]) - tok.ranges['bpm'][0]]) if tok.vocab[int(ids[2])].startswith('BPM_') else 120.0
+    return plan_from_scratch(tok, tracks, n_bars, ts, bpm)
+
+def evaluate_checkpoint(path, dataset=None, reference=None, num_samples: int = 8, n_bars: int = 8, max_batches: int | None = 20,
+                        batch_size: int = 8, seed: int = 0, temperature: float = 1.0, top_p: float = 0.95, out_dir=None) -> dict:
+    "One checkpoint's numbers: validation loss/perplexity per kind and the metrics of generated samples vs `reference`."
+    from meloformer.generate import generate
+    model, tok = load_checkpoint_dir(path)
+    dataset = dataset or demo_dataset('valid', max_seq_len=1024)
+    kinds = loss_by_kind(model, dataset, batch_size=batch_size, max_batches=max_batches)
+    plan = _reference_plan(tok, dataset, n_bars)
+    t0 = time.perf_counter()
+    samples, stats = generate(model, tok, plan, num_samples=num_samples, temperature=temperature, top_p=top_p, seed=seed)
+    midis = [tok.decode(s) for s in samples]
+    if out_dir is not None:
+        out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+        for i, m in enumerate(midis): m.dump(str(out/f'sample_{i}.mid'))
+    sample_table = metrics_table(midis)
+    reference = reference if reference is not None else metrics_table([tok.decode(dataset.piece(i)) for i in range(min(len(dataset), 50))])
+    row = dict(checkpoint=str(path), val_loss=kinds.loss[0], val_ppl=kinds.ppl[0], val_tokens=int(kinds.tokens[0]))
+    row.update({f'loss_{k}': v for k, v in zip(kinds.kind[1:], kinds.loss[1:])})
+    row.update({f'{m}': sample_table[m].mean() for m in METRICS if m in sample_table})
+    row.update(pitch_class_distance(sample_table, reference))
+    row.update(samples=num_samples, gen_tokens_per_s=stats['tokens_per_s'])
+    return dict(row=row, by_kind=kinds, samples=sample_table, reference=reference)
+
+# %% ../nbs/08_evaluate.ipynb
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m meloformer.evaluate', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Validation perplexity and music metrics of generated samples, one row per checkpoint.")
+    p.add_argument('--checkpoint', nargs='+', required=True, help="training run folders (or save_pretrained folders)")
+    p.add_argument('--data_dir', default=None, help="a folder made by `python -m meloformer.data` (default: the demo corpus)")
+    p.add_argument('--num_samples', type=int, default=8, help="generated pieces per checkpoint")
+    p.add_argument('--bars', type=int, default=8, help="bars per generated piece")
+    p.add_argument('--max_seq_len', type=int, default=1024, help="validation rows' length")
+    p.add_argument('--max_batches', type=int, default=20, help="validation batches (0: all)")
+    p.add_argument('--temperature', type=float, default=1.0); p.add_argument('--top_p', type=float, default=0.95)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out_dir', default='runs/evaluation', help="where the tables, plots and samples go")
+    return p
+
+def main(argv=None) -> int:
+    from meloformer.data import ShardDataset
+    a = evaluate_parser().parse_args(argv)
+    try:
+        dataset = ShardDataset(a.data_dir, 'valid', max_seq_len=a.max_seq_len) if a.data_dir else demo_dataset('valid', max_seq_len=a.max_seq_len)
+        if len(dataset) == 0: raise ValueError(f"{a.data_dir}: the validation split is empty")
+        tok = dataset.tok
+        reference = metrics_table([tok.decode(dataset.piece(i)) for i in range(min(len(dataset), 50))])
+        out, rows, kinds, tables = Path(a.out_dir), [], [], {}
+        for i, ck in enumerate(a.checkpoint):
+            ev = evaluate_checkpoint(ck, dataset, reference, a.num_samples, a.bars, a.max_batches or None, seed=a.seed,
+                                     temperature=a.temperature, top_p=a.top_p, out_dir=out/f'samples_{i}')
+            rows.append(ev['row']); kinds.append(ev['by_kind'].assign(checkpoint=ck)); tables[f'ckpt {i}'] = ev['samples']
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr); return 1
+    ref_row = dict(checkpoint='reference (real pieces)', **{m: reference[m].mean() for m in METRICS if m in reference})
+    table = pd.DataFrame(rows + [ref_row])
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out/'evaluation.csv', index=False); pd.concat(kinds).to_csv(out/'by_kind.csv', index=False)
+    plot_metrics({**tables, 'reference': reference}, path=out/'metrics.png'); plt.close('all')
+    cols = ['checkpoint', 'val_loss', 'val_ppl', 'pitch_class_entropy', 'scale_consistency', 'groove_consistency', 'chord_tone_ratio', 'track_consonance', 'pch_overlap']
+    print(table[[c for c in cols if c in table]].round(3).to_string(index=False))
+    print(f"wrote {out/'evaluation.csv'}, by_kind.csv, metrics.png")
+    return 0
+
+# %% ../nbs/08_evaluate.ipynb
+#| eval: false
+if __name__ == '__main__': sys.exit(main())
+
+# %% ../nbs/08_evaluate.ipynb
+def ablation(presets=('museformer', 'dense'), steps: int = 300, out_root=None, **overrides) -> pd.DataFrame:
+    "Train the same configuration once per mask preset; validation loss and time per step side by side."
+    from meloformer.train import TrainConfig, train
+    out_root = Path(out_root or tempfile.mkdtemp())
+    rows = []
+    for preset in presets:
+        cfg = dict(model_size='tiny', max_seq_len=512, batch_size=8, max_steps=steps, phases='none', lr=3e-3, warmup_steps=30,
+                   eval_every=max(steps // 3, 1), eval_batches=8, attn_backend='sdpa', progress=False) | overrides
+        t0 = time.perf_counter()
+        res = train(TrainConfig(**cfg, mask_preset=preset, out_dir=str(out_root/preset)))
+        seconds = time.perf_counter() - t0
+        rows.append(dict(preset=preset, steps=res['steps'], first_val_loss=res['first_val_loss'], val_loss=res['last_val_loss'],
+                         val_ppl=math.exp(res['last_val_loss']), seconds_per_step=seconds / res['steps']))
+    return pd.DataFrame(rows)
