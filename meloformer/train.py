@@ -141,7 +141,7 @@ class TrainConfig:
     progress: bool = True
 
 CPU_DEFAULTS = dict(model_size='tiny', batch_size=8, gradient_accumulation_steps=1, max_seq_len=512, num_workers=0,
-                    max_steps=400, lr=3e-3, warmup_steps=40, compile=False, eval_every=50)
+                    max_steps=300, lr=3e-3, warmup_steps=40, compile=False, eval_every=50)
 CUDA_DEFAULTS = dict(model_size='small', batch_size=6, gradient_accumulation_steps=8, max_seq_len=8192, num_workers=8,
                      epochs=3, lr=3e-4, warmup_steps=500, compile=True, eval_every=500)
 

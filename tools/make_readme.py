@@ -16,7 +16,8 @@ def render(nb_path=ROOT/'nbs'/'index.ipynb'):
     for cell in nb.cells:
         src = cell.source
         if cell.cell_type == 'markdown':
-            parts.append(src.strip()); continue
+            # images live beside the notebooks: point the README's links into nbs/
+            parts.append(re.sub(r'\]\((images/[^)]+)\)', r'](nbs/\1)', src.strip())); continue
         if cell.cell_type != 'code' or 'hide' in _directives(src): continue
         code = '\n'.join(l for l in src.splitlines() if not l.startswith('#|')).strip()
         if code: parts.append(f"```python\n{code}\n```")
