@@ -19,8 +19,8 @@ __all__ = ['SCALES', 'CONSONANT_INTERVALS', 'CHORD_PITCH_CLASSES', 'METRICS', 'K
            'pitch_class_entropy', 'scale_consistency', 'n_pitch_classes_used', 'pitch_range', 'empty_beat_rate',
            'groove_consistency', 'polyphony', 'track_consonance', 'chord_tone_ratio', 'bar_similarity_matrix',
            'bar_self_similarity', 'music_metrics', 'metrics_table', 'random_midi', 'pitch_class_distance',
-           'compare_to_reference', 'plot_metrics', 'loss_by_kind', 'load_checkpoint_dir', 'evaluate_checkpoint',
-           'evaluate_parser', 'main', 'ablation']
+           'compare_to_reference', 'plot_metrics', 'loss_by_kind', 'evaluate_checkpoint', 'evaluate_parser', 'main',
+           'ablation']
 
 # %% ../nbs/08_evaluate.ipynb
 def _as_piece(src) -> Piece:
@@ -314,13 +314,7 @@ def loss_by_kind(model, dataset, device='cpu', batch_size: int = 8, max_batches:
     return df
 
 # %% ../nbs/08_evaluate.ipynb
-def load_checkpoint_dir(path) -> tuple:
-    "Model and tokenizer of a training run folder (`DIR/model`) or of a `save_pretrained` folder."
-    p = Path(path)
-    if (p/'model'/'config.json').exists(): p = p/'model'
-    if not (p/'config.json').exists(): raise FileNotFoundError(f"{path}: no model here (expected config.json or model/config.json)")
-    tok = HIDTokenizer.load(p) if (p/'tokenizer.json').exists() else HIDTokenizer()
-    return MeloFormer.from_pretrained(p), tok
+from .generate import load_checkpoint_dir
 
 def _reference_plan(tok, dataset, n_bars: int):
     "The most common track list of the reference pieces, their first meter and tempo, as a plan from scratch."
