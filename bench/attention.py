@@ -5,22 +5,19 @@
 Prints markdown tables and writes them to bench/results/attention.md (machine and date in the header),
 plus bench/results/attention_masks.png (the stage-2 masks of a real piece per preset).
 """
-import argparse, datetime, os, platform, statistics, time
+import argparse, os
 from pathlib import Path
 import numpy as np
 import torch
 from meloformer.attention import MaskConfig, build_masks, attend, mask_stats, BAR, ONSET, PITCH
 from meloformer.tokenizer import HIDTokenizer, TokenizerConfig
+from _common import machine, median_time
 
 MIDI = Path(__file__).resolve().parents[2] / 'shared' / 'midi' / 'multitrack'
 if not MIDI.exists(): MIDI = Path('/work/shared/midi/multitrack')
 OUT = Path(__file__).resolve().parent / 'results'
 
 
-def machine() -> str:
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.processor())
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'
-    return f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}, torch {torch.__version__}, {datetime.date.today()}"
 
 
 def md_table(rows: list[dict], floatfmt='{:.3f}') -> str:
@@ -55,14 +52,6 @@ def density_rows(inputs: dict, configs: dict) -> list[dict]:
                              gap128=mean['block_frac_128'] / mean['pair_frac'], gap64=mean['block_frac_64'] / mean['pair_frac']))
             print(md_table([rows[-1]]).splitlines()[-1], flush=True)
     return rows
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()                                                   # warm-up (compiles)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def timing_rows(inputs: dict, n_head=4, head_dim=64, repeats=5) -> list[dict]:

@@ -10,22 +10,17 @@ per worker. Prints a markdown table and writes it to bench/results/data.md.
 
     python bench/data.py [--seconds 3] [--repeats 3] [--batch_size 4] [--max_seq_len 8192]
 """
-import argparse, datetime, os, platform, statistics, sys, tempfile, time
+import argparse, datetime, os, statistics, sys, tempfile, time
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from meloformer.data import build_corpus, prepare_demo, ShardDataset, make_loader
 from meloformer.tokenizer import sample_midi_dir
+from _common import machine
 
 RELEASE_TOKENS_PER_S = 10_000
 
 
-def machine() -> str:
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.processor())
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'
-    return f"{cpu}, {os.cpu_count()} cores, GPU {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def memory_mb(pid: int) -> dict:

@@ -5,7 +5,7 @@ the context and then appends one token per step; the anchor runs the whole model
 new token for every step. Median of repeats after a warm-up, measured in the same run.
 Usage: python bench/generate.py [--size tiny] [--threads 1] [--steps 32] [--repeats 5]
 """
-import argparse, datetime, os, platform, statistics, time
+import argparse, datetime, os, statistics, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -14,10 +14,7 @@ from meloformer.data import demo_midi_dir
 from meloformer.model import MeloFormer, ModelConfig
 from meloformer.attention import MaskConfig
 from meloformer.generate import IncrementalDecoder
-
-def cpu_name() -> str:
-    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): return platform.processor() or 'unknown CPU'
+from _common import machine_info
 
 def stream(tok, n: int) -> np.ndarray:
     "A real token stream of at least n tokens (a shared multitrack piece, else demo pieces back to back)."
@@ -73,7 +70,7 @@ def main():
             f = full_tps(model, tok, ids, ctx, a.full_steps, a.repeats)
             rows.append((preset, ctx, c, f, c / f))
             print(f"{preset} ctx {ctx}: cached {c:.1f} tok/s, full recompute {f:.2f} tok/s, {c / f:.0f}x", flush=True)
-    head = (f"# Cached decoding vs full recompute\n\n{cpu_name()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
+    head = (f"# Cached decoding vs full recompute\n\n{machine_info()['cpu']}, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
             f"{a.threads} thread(s), no GPU; {datetime.date.today()}\n\nModel `{a.size}` (sdpa, fp32, batch 1), real tokens teacher forced; "
             f"median of {a.repeats} repeats after a warm-up ({a.steps} cached steps, {a.full_steps} full steps per repeat).\n\n")
     table = "| preset | context | cached tok/s | full recompute tok/s | speed-up |\n|---|---:|---:|---:|---:|\n"

@@ -10,7 +10,7 @@ of the differences and the time each library takes, and writes it to bench/resul
 
 Needs `pip install muspy` (unmaintained since 2022; not a MeloFormer dependency).
 """
-import argparse, datetime, math, os, platform, statistics, time, warnings
+import argparse, datetime, math, warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +18,14 @@ import numpy as np
 from meloformer import evaluate as ev
 from meloformer.tokenizer import read_piece, sample_midi_dir
 from meloformer.data import demo_midi_dir
+from _common import machine, median_time
 
 SHARED = ['multitrack/Aicha.mid', 'multitrack/Funkytown.mid', 'multitrack/I Gotta Feeling.mid', 'multitrack/In Too Deep.mid',
           'one_track/6338816_Etude No. 4.mid', 'one_track/Maestro_1.mid', 'one_track/POP909_010.mid']
 
 
-def machine() -> str:
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.processor())
-    import torch
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
 
 
-def median_time(fn, repeats):
-    fn()                                           # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure_ticks(piece) -> int:

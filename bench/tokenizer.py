@@ -8,28 +8,17 @@ the encode time goes (parsing vs tokenizing), and writes it to bench/results/tok
 
 Needs the `bench` extra (miditok).
 """
-import argparse, datetime, platform, statistics, time
+import argparse
 from pathlib import Path
 
-import numpy as np
 import symusic
 
 from meloformer.tokenizer import HIDTokenizer, MidiReadError, read_piece, sample_midi_dir, _layout, _write_tokens
+from _common import machine, median_time
 
 
-def machine() -> str:
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.processor())
-    import os, torch
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, symusic {symusic.__version__}"
 
 
-def median_time(fn, repeats):
-    fn()                                           # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -80,7 +69,7 @@ def main():
         rows.append(f"| {name} | {len(files) / secs:,.0f} | {n_notes / secs:,.0f} | {tokens / secs:,.0f} | "
                     f"{secs * 1e3:.1f} | {anchor / secs:.2f}x |")
     lines = [f"# Tokenizer throughput", "",
-             f"{datetime.date.today()} on {machine()}; {len(files)} files of {root}, {n_notes:,} notes; "
+             f"{machine()}; {len(files)} files of {root}, {n_notes:,} notes; "
              f"HID {n_hid:,} tokens, REMI {n_remi:,} tokens; median of {args.repeats} repeats after a warm-up.", "",
              "| path | files/s | notes/s | tokens/s | total ms | speed vs REMI |", "|---|---:|---:|---:|---:|---:|", *rows, "",
              "Where encode time goes (all files, ms):", "",

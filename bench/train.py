@@ -22,21 +22,17 @@ Prints markdown tables and writes them to bench/results/train.md (or `--out`).
     python bench/train.py --device cuda         # GPU: bf16 autocast, flex attention; add --compile
     python bench/train.py --quick               # a smoke run
 """
-import argparse, datetime, os, platform, statistics, sys, tempfile, time
+import argparse, statistics, sys, tempfile, time
 from pathlib import Path
 
 import torch
 
-from meloformer.train import Trainer, TrainConfig, batch_to, lm_loss
+from meloformer.train import Trainer, TrainConfig, batch_to
+from _common import machine_info
 
 OUT = Path(__file__).resolve().parent / 'results'
 
 
-def machine(device: str) -> dict:
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.processor())
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, gpu=gpu,
-                python=platform.python_version(), date=datetime.datetime.now().strftime('%Y-%m-%d %H:%M'), device=device)
 
 
 def md_table(rows: list[dict], right=()) -> str:
@@ -196,7 +192,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if cuda: torch.backends.cuda.matmul.allow_tf32 = True
     peak_n, peak_dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
-    info = machine(args.device)
+    info = machine_info(args.device)
     print(f"machine: {info}", flush=True)
 
     peak = lambda: matmul_peak(device, peak_n, peak_dtype, repeats=args.anchor_repeats, warmup=1)['median']

@@ -11,7 +11,7 @@ __all__ = ['ONSET', 'PITCH', 'DURATION', 'VELOCITY', 'BAR', 'TRACK_HEADER', 'SPE
 
 # %% ../nbs/02_attention.ipynb
 import math
-from dataclasses import dataclass, field, asdict, replace
+from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn

@@ -280,7 +280,7 @@ def plot_metrics(tables: dict, metrics=METRICS, ncols: int = 5, path=None, dpi: 
     return fig
 
 # %% ../nbs/08_evaluate.ipynb
-import argparse, json, sys, tempfile, time
+import argparse, sys, tempfile, time
 import torch
 from .tokenizer import HIDTokenizer
 from .model import MeloFormer, ModelConfig
@@ -338,7 +338,6 @@ def evaluate_checkpoint(path, dataset=None, reference=None, num_samples: int = 8
     dataset = dataset or demo_dataset('valid', max_seq_len=1024)
     kinds = loss_by_kind(model, dataset, batch_size=batch_size, max_batches=max_batches)
     plan = _reference_plan(tok, dataset, n_bars)
-    t0 = time.perf_counter()
     samples, stats = generate(model, tok, plan, num_samples=num_samples, temperature=temperature, top_p=top_p, seed=seed)
     midis = [tok.decode(s) for s in samples]
     if out_dir is not None:

@@ -4,8 +4,8 @@
 
 # %% ../nbs/05_memory.ipynb 3
 from __future__ import annotations
-import argparse, csv, json, math, os, re, subprocess, sys, time
-from dataclasses import dataclass, field, asdict
+import argparse, csv, json, math, re, subprocess, sys, time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np

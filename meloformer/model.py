@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from safetensors.torch import save_model, load_model
-from .attention import MaskConfig, AttnMasks, SummaryAttention, build_masks, ONSET, VELOCITY
+from .attention import MaskConfig, AttnMasks, SummaryAttention, build_masks, VELOCITY
 
 # %% ../nbs/03_model.ipynb
 _SIZES = dict(

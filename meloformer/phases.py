@@ -5,7 +5,7 @@
 # %% ../nbs/04_phases.ipynb 3
 from __future__ import annotations
 import json, math
-from dataclasses import dataclass, asdict, replace, field
+from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 
 # %% auto 0
@@ -104,7 +104,7 @@ def make_schedule(spec: str, batch_size: int, num_workers: int, grad_accum: int 
 # %% ../nbs/04_phases.ipynb
 def plot_schedule(schedule: PhaseSchedule, total_steps: int, ax=None, path=None):
     "Batch size, accumulation, rows per step and workers against optimizer step; phases shaded."
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
     fig = None
     if ax is None: fig, ax = plt.subplots(figsize=(6, 2.6), dpi=80)
     steps = list(range(1, total_steps + 1))

@@ -5,7 +5,7 @@
 # %% ../nbs/00_tokenizer.ipynb 3
 from __future__ import annotations
 import argparse, dataclasses, gc, io, json, os, sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

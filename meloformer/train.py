@@ -5,7 +5,7 @@
 # %% ../nbs/06_train.ipynb 3
 from __future__ import annotations
 import argparse, contextlib, csv, hashlib, json, math, os, random, sys, time
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np
