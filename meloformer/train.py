@@ -385,7 +385,8 @@ class Trainer:
             mem_mb = torch.cuda.max_memory_allocated() / 2**20 if self.device.type == 'cuda' else _rss_mb()
             row = dict(step=self.step, phase=phase.name, loss=round(out['loss'], 5), lr=self.lr_sched.get_last_lr()[0],
                        grad_norm=round(out['grad_norm'], 4), tokens_per_s=round(tok_s), mem_mb=round(mem_mb), epoch=self.epoch)
-            if self.step % cfg.eval_every == 0 or self.step == self.max_steps: row.update(self.evaluate())
+            if self.dist.main and (self.step % cfg.eval_every == 0 or self.step == self.max_steps):   # no collectives: rank 0 alone
+                row.update(self.evaluate())
             if self.metrics: self.metrics.log(**row)
             bar.update(1); bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mem=f"{mem_mb / 1024:.1f}G", phase=phase.name)
             if self.step % cfg.save_every == 0 and self.step < self.max_steps: self.save()
