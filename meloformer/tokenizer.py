@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_tokenizer.ipynb 3
 from __future__ import annotations
-import argparse, dataclasses, gc, io, json, os, sys
+import argparse, dataclasses, gc, importlib.resources, io, json, os, struct, sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,18 +13,141 @@ import miditoolkit
 import symusic
 
 # %% auto 0
-__all__ = ['QUALITIES', 'PITCH_CLASSES', 'META_KEYS', 'sample_midi_dir', 'MidiReadError', 'TokenizerConfig', 'Track', 'Piece',
-           'read_piece', 'bar_grid', 'chords_per_bar', 'pitch_class_weight', 'track_class', 'velocity_bin',
-           'velocity_of_bin', 'tempo_bin', 'Layout', 'AnnotationState', 'HIDTokenizer', 'fuzz_encode',
-           'round_trip_fidelity', 'tokenizer_parser', 'main']
+__all__ = ['QUALITIES', 'PITCH_CLASSES', 'META_KEYS', 'demo_midi_dir', 'sample_midi_dir', 'write_sample_midi', 'sample_midi',
+           'MidiReadError', 'TokenizerConfig', 'Track', 'Piece', 'read_piece', 'bar_grid', 'chords_per_bar',
+           'pitch_class_weight', 'track_class', 'velocity_bin', 'velocity_of_bin', 'tempo_bin', 'Layout',
+           'AnnotationState', 'HIDTokenizer', 'fuzz_encode', 'round_trip_fidelity', 'tokenizer_parser', 'main']
 
 # %% ../nbs/00_tokenizer.ipynb
-def sample_midi_dir() -> Path | None:
-    "The folder of real test MIDI: `$MELOFORMER_MIDI`, else a `shared/midi` beside a parent folder, else None."
-    if os.environ.get('MELOFORMER_MIDI'): return Path(os.environ['MELOFORMER_MIDI'])
-    for parent in [Path.cwd(), *Path.cwd().parents]:
-        if (parent/'shared'/'midi').is_dir(): return parent/'shared'/'midi'
+def demo_midi_dir() -> Path:
+    "The demo corpus shipped inside the package: 349 four-voice Bach chorales (480 ticks per quarter; sources in `SOURCES.md`)."
+    return Path(str(importlib.resources.files('meloformer')))/'assets'/'demo'
+
+def _repo_root() -> Path | None:
+    "The MeloFormer checkout holding the current folder (else this module, for an editable install), by its `settings.ini`."
+    starts = [Path.cwd()] + ([Path(__file__).resolve().parent] if '__file__' in globals() else [])
+    for start in starts:
+        for folder in (start, *start.parents):
+            ini = folder/'settings.ini'
+            if ini.is_file() and 'lib_name = meloformer' in ini.read_text(errors='replace'): return folder
     return None
+
+def sample_midi_dir() -> Path | None:
+    """The folder of extra real test MIDI (`multitrack/`, `one_track/`, `edge/`, `bad/`), or None where there is none.
+
+    `$MELOFORMER_MIDI` when set (a path that is not a folder raises `FileNotFoundError`); else `shared/midi` beside the
+    repository checkout, i.e. `<checkout>/../shared/midi`, where the checkout is the folder with MeloFormer's `settings.ini`
+    that holds the current folder or, for an editable install, this module. Tests never need it: `sample_midi` falls back
+    to the demo corpus and the files `write_sample_midi` makes."""
+    if os.environ.get('MELOFORMER_MIDI'):
+        folder = Path(os.environ['MELOFORMER_MIDI'])
+        if not folder.is_dir(): raise FileNotFoundError(f"$MELOFORMER_MIDI={folder}: not a folder")
+        return folder
+    root = _repo_root()
+    folder = root.parent/'shared'/'midi' if root else None
+    return folder if folder is not None and folder.is_dir() else None
+
+# %% ../nbs/00_tokenizer.ipynb
+_SAMPLE_CHORALES = ('bwv10.7', 'bwv101.7', 'bwv102.7')          # 22, 20 and 16 bars of 4/4 at 480 ticks per quarter
+
+def _voice(track: symusic.Track, program: int, name: str, transpose: int = 0, keep=lambda start: True, shift: int = 0) -> symusic.Track:
+    "One chorale voice as an instrument's track (notes whose start passes `keep`, moved by `shift` ticks)."
+    out = symusic.Track(name, program, False)
+    for k, n in enumerate(track.notes):
+        if keep(n.time):  # velocities vary so that every test sees several velocity bins
+            out.notes.append(symusic.Note(n.time + shift, n.duration, n.pitch + transpose, 40 + (n.pitch * 7 + k * 13) % 80))
+    return out
+
+def _drums(bass: symusic.Track, end: int, q: int, shift: int = 0) -> symusic.Track:
+    "Kick on the bass voice's onsets, snare on beats 2 and 4, closed hi-hat on every eighth (GM percussion keys)."
+    kit = symusic.Track('Drums', 0, True)
+    hits = [(n.time, 36) for n in bass.notes] + [(t, 38) for t in range(q, end, 2 * q)] + [(t, 42) for t in range(0, end, q // 2)]
+    for t, key in sorted(hits): kit.notes.append(symusic.Note(t + shift, q // 4, key, 100 if key != 42 else 60))
+    return kit
+
+def _long_band(n_pairs: int) -> symusic.Score:
+    "8 tracks in 4/4 from `n_pairs` pairs of demo chorales played one after another, each pair at its own tempo."
+    chorales = [s for s in (symusic.Score(str(f)) for f in sorted(demo_midi_dir().glob('*.mid'))[:4 * n_pairs]) if len(s.tracks) == 4]
+    q = chorales[0].ticks_per_quarter; score = symusic.Score(q); bar = 4 * q
+    score.time_signatures.append(symusic.TimeSignature(0, 4, 4))
+    tracks = {}
+    offset = 0
+    for a, b in zip(chorales[0:2 * n_pairs:2], chorales[1:2 * n_pairs:2]):
+        score.tempos.append(symusic.Tempo(offset, a.tempos[0].qpm if len(a.tempos) else 120.))
+        (sa, aa, ta, ba), (sb, ab, tb, bb) = a.tracks, b.tracks
+        end = -(-max(a.end(), b.end()) // bar) * bar
+        parts = [_drums(ba, end, q, offset), _voice(ba, 33, 'Bass', -12, shift=offset), _voice(aa, 0, 'Piano', shift=offset),
+                 _voice(ta, 0, 'Piano', shift=offset), _voice(ab, 25, 'Guitar', shift=offset), _voice(tb, 48, 'Strings', shift=offset),
+                 _voice(bb, 19, 'Organ', shift=offset), _voice(sa, 73, 'Flute', 12, shift=offset), _voice(sb, 56, 'Trumpet', shift=offset)]
+        for t in parts: tracks.setdefault((t.name, t.program, t.is_drum), symusic.Track(t.name, t.program, t.is_drum)).notes.extend(t.notes)
+        offset += end
+    for t in tracks.values(): t.notes.sort(); score.tracks.append(t)
+    return score
+
+def _midi_bytes(division: bytes, *track_events: bytes) -> bytes:
+    "A Standard MIDI File from raw track event bytes (for the broken files no library will write)."
+    head = b'MThd' + struct.pack('>IHH', 6, int(len(track_events) > 1), len(track_events)) + division
+    return head + b''.join(b'MTrk' + struct.pack('>I', len(ev)) + ev for ev in track_events)
+
+def write_sample_midi(folder) -> dict[str, list[Path]]:
+    """Write test MIDI made from the demo chorales into `folder`; returns `{'multitrack', 'one_track', 'long', 'bad': [paths]}`.
+
+    - `band.mid` (480 ticks per quarter, 24 bars): 8 tracks in an unsorted file order (a late-starting flute lead, strings,
+      drums, bass, piano, guitar, an organ with bars 8-10 empty, trumpet); meter 4/4 -> 3/4 (bar 6) -> 6/8 (bar 10) -> 4/4
+      (bar 14) and tempo 100 -> 76 -> 132 BPM at those bar lines;
+    - `piano.mid`: one piano track holding all four voices of a chorale, in 3/4 at 66 BPM;
+    - `long.mid`: the same 8 instruments over 12 pairs of chorales in a row (201 bars of 4/4, 34,513 HID
+      tokens), for long-context tests (crops at 8192 and 24576 tokens);
+    - `bad/`: the broken files readers meet, named by what is wrong: `zero_bytes.mid`, `not_midi.mid`,
+      `truncated_header.mid`, `empty.mid` (valid, no notes), `corrupted_control168.mid` (a controller value of 168).
+    The content depends only on the demo corpus, so every call writes the same bytes."""
+    folder = Path(folder); (folder/'bad').mkdir(parents=True, exist_ok=True)
+    a, b, c = (symusic.Score(str(demo_midi_dir()/f'{name}.mid')) for name in _SAMPLE_CHORALES)
+    q = a.ticks_per_quarter
+    band = symusic.Score(q)
+    end = a.end()
+    for t, num, den in ((0, 4, 4), (24 * q, 3, 4), (36 * q, 6, 8), (48 * q, 4, 4)): band.time_signatures.append(symusic.TimeSignature(t, num, den))
+    for t, bpm in ((0, 100.), (24 * q, 76.), (48 * q, 132.)): band.tempos.append(symusic.Tempo(t, bpm))
+    sa, aa, ta, ba = a.tracks; sb, ab, tb, bb = b.tracks
+    piano = _voice(aa, 0, 'Piano'); piano.notes.extend(_voice(ta, 0, 'Piano').notes); piano.notes.sort()
+    band.tracks.extend([
+        _voice(sa, 73, 'Flute', 12, keep=lambda t: t >= 16 * q),                  # starts in bar 4
+        _voice(tb, 48, 'Strings', keep=lambda t: t < end),
+        _drums(ba, end - 4 * q, q),                                              # stops a bar before the end
+        _voice(ba, 33, 'Bass', -12), piano,
+        _voice(ab, 25, 'Guitar', keep=lambda t: t < end),
+        _voice(bb, 19, 'Organ', keep=lambda t: not 30 * q <= t < 39 * q and t < end),   # bars 8-10 empty
+        _voice(sb, 56, 'Trumpet', keep=lambda t: t < end)])
+    band.dump_midi(str(folder/'band.mid'))
+    solo = symusic.Score(q)
+    solo.time_signatures.append(symusic.TimeSignature(0, 3, 4)); solo.tempos.append(symusic.Tempo(0, 66.))
+    merged = _voice(c.tracks[0], 0, 'Piano')
+    for voice in c.tracks[1:]: merged.notes.extend(_voice(voice, 0, 'Piano').notes)
+    merged.notes.sort(); solo.tracks.append(merged)
+    solo.dump_midi(str(folder/'piano.mid'))
+    _long_band(12).dump_midi(str(folder/'long.mid'))
+    ppq = struct.pack('>H', 480)
+    bad = {'zero_bytes.mid': b'', 'not_midi.mid': b'RIFF\x00\x00 this is a wave file, not MIDI\n',
+           'truncated_header.mid': b'MThd\x00\x00\x00',
+           'empty.mid': _midi_bytes(ppq, b'\x00\xff\x2f\x00'),
+           'corrupted_control168.mid': _midi_bytes(ppq, b'\x00\x90\x3c\x40\x00\xb0\x07\xa8\x10\x80\x3c\x40\x00\xff\x2f\x00')}
+    for name, data in bad.items(): (folder/'bad'/name).write_bytes(data)
+    return {'multitrack': [folder/'band.mid'], 'one_track': [folder/'piano.mid'], 'long': [folder/'long.mid'],
+            'bad': sorted(folder/'bad'/n for n in bad)}
+
+# %% ../nbs/00_tokenizer.ipynb
+def sample_midi(folder, n_demo: int = 2) -> dict[str, list[Path]]:
+    """Real MIDI for tests: `{'multitrack', 'one_track', 'demo', 'bad', 'edge', 'shared'}` lists of paths.
+
+    The files of `write_sample_midi(folder)`, the first `n_demo` demo chorales, and the same folders of `sample_midi_dir()`
+    where it exists (`shared` lists its multitrack and one-track files alone, for tests that check facts of those files)."""
+    sets = write_sample_midi(folder)
+    sets['demo'] = sorted(demo_midi_dir().glob('*.mid'))[:n_demo]
+    shared = sample_midi_dir()
+    for kind in ('multitrack', 'one_track', 'bad', 'edge'):
+        sets[kind] = sets.get(kind, []) + (sorted((shared/kind).glob('*.mid')) if shared else [])
+    sets['shared'] = sorted(shared.glob('multitrack/*.mid')) + sorted(shared.glob('one_track/*.mid')) if shared else []
+    return sets
 
 # %% ../nbs/00_tokenizer.ipynb
 class MidiReadError(ValueError):
