@@ -4,19 +4,29 @@
 
 Prints markdown tables and writes them to bench/results/attention.md (machine and date in the header),
 plus bench/results/attention_masks.png (the stage-2 masks of a real piece per preset).
+
+The pieces are the multitrack songs of `shared/midi` beside the repository (or `$MELOFORMER_MIDI`); without
+it, the files `write_sample_midi` makes from the demo chorales (`band.mid`, 8 tracks, and `long.mid`, 34,513 tokens).
 """
-import argparse, os
+import argparse, os, tempfile
 from pathlib import Path
 import numpy as np
 import torch
 from meloformer.attention import MaskConfig, build_masks, attend, mask_stats, BAR, ONSET, PITCH
-from meloformer.tokenizer import HIDTokenizer, TokenizerConfig
+from meloformer.tokenizer import HIDTokenizer, TokenizerConfig, sample_midi_dir, write_sample_midi
 from _common import machine, median_time
 
-MIDI = Path(__file__).resolve().parents[2] / 'shared' / 'midi' / 'multitrack'
-if not MIDI.exists(): MIDI = Path('/work/shared/midi/multitrack')
 OUT = Path(__file__).resolve().parent / 'results'
+PAIR = ('In Too Deep', 'Les Yeux Revolvers')           # the packed row's pieces in shared/midi
 
+
+def midi_files() -> tuple[list[Path], str]:
+    "The multitrack pieces: shared/midi's songs where present, else band.mid and long.mid written to a temp folder."
+    shared = sample_midi_dir()
+    files = sorted((shared / 'multitrack').glob('*.mid')) if shared else []
+    if files: return files, '`shared/midi/multitrack`'
+    written = write_sample_midi(Path(tempfile.mkdtemp(prefix='meloformer-bench-')))
+    return written['multitrack'] + written['long'], '`write_sample_midi` (no shared/midi here): `band.mid` and `long.mid`'
 
 
 
@@ -72,11 +82,11 @@ def timing_rows(inputs: dict, n_head=4, head_dim=64, repeats=5) -> list[dict]:
     return rows
 
 
-def mask_picture(path: Path):
+def mask_picture(path: Path, midi: Path):
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     tok = HIDTokenizer(TokenizerConfig(max_bars=8))
-    m = tok.annotate(tok.encode(MIDI / 'Girls Just Want to Have Fun.mid'))
+    m = tok.annotate(tok.encode(midi))
     meta = to_batch(m, len(m['seg']))
     fig, axs = plt.subplots(1, 3, figsize=(12, 4.2), dpi=60)
     for ax, preset in zip(axs, ['museformer', 'meloformer', 'dense']):
@@ -86,7 +96,7 @@ def mask_picture(path: Path):
         for b in np.nonzero(np.diff(m['track']) != 0)[0]: ax.axhline(b + 0.5, color='tab:blue', lw=0.3)
         ax.set_title(f'{preset}: {ms.update[0, 0].float().mean():.1%} of grid', fontsize=9)
         ax.set_xticks([]); ax.set_yticks([])
-    fig.suptitle('Girls Just Want to Have Fun, first 8 bars of every track: stage-2 masks (summaries right of red)', fontsize=9)
+    fig.suptitle(f'{midi.stem}, first 8 bars of every track: stage-2 masks (summaries right of red)', fontsize=9)
     plt.tight_layout(); plt.savefig(path, dpi=60); plt.close(fig)
 
 
@@ -98,14 +108,21 @@ def main():
     torch.set_num_threads(os.cpu_count())
     OUT.mkdir(parents=True, exist_ok=True)
     tok = HIDTokenizer()
-    pieces = {p.stem: tok.annotate(tok.encode(p)) for p in sorted(MIDI.glob('*.mid'))}
+    files, source = midi_files()
+    paths = {p.stem: p for p in files}
+    pieces = {k: tok.annotate(tok.encode(p)) for k, p in paths.items()}
     lengths = {k: len(v['seg']) for k, v in pieces.items()}
-    n8 = 2 if args.quick else 4
-    names8 = sorted(pieces, key=lambda k: -lengths[k])[:n8]
+    by_length = sorted(pieces, key=lambda k: -lengths[k])
+    longest = by_length[0]                                # Aicha in shared/midi; long.mid without it
+    assert lengths[longest] >= 24576, f'no piece of 24576 tokens among {lengths}'
+    names8 = [k for k in by_length if lengths[k] >= 8192][:2 if args.quick else 4]
+    n8 = len(names8)
+    pair = list(PAIR) if all(k in pieces for k in PAIR) else by_length[1:3] if len(by_length) > 2 else by_length[::-1]
+    packed = f'packed: {pair[0]} + {pair[1]}'
     inputs = {(8192, f'prefix of {n8} pieces (mean)'): [to_batch(pieces[k], 8192) for k in names8],
-              (24576, 'Aicha prefix'): [to_batch(pieces['Aicha'], 24576)]}
+              (24576, f'{longest} prefix'): [to_batch(pieces[longest], 24576)]}
     if not args.quick:
-        inputs[(24576, 'packed: In Too Deep + Les Yeux Revolvers')] = [pack([pieces['In Too Deep'], pieces['Les Yeux Revolvers']], 24576)]
+        inputs[(24576, packed)] = [pack([pieces[k] for k in pair], 24576)]
 
     base = MaskConfig()
     configs = {'museformer': base, 'meloformer': MaskConfig.from_preset('meloformer'), 'dense causal': MaskConfig.from_preset('dense')}
@@ -124,21 +141,21 @@ def main():
     print('## Density (fractions of dense causal attention)')
     dens = density_rows(inputs, configs)
     print('## Experiments: what narrows the gap between pair and block density')
-    exp_inputs = {k: v for k, v in inputs.items() if k[1] != 'packed: In Too Deep + Les Yeux Revolvers'}
+    exp_inputs = {k: v for k, v in inputs.items() if k[1] != packed}
     exps = density_rows(exp_inputs, {k: v for k, v in experiments.items() if k != 'museformer'})
     print('## Forward time on this machine')
     timing = timing_rows({(8192, f'{names8[0]} prefix'): inputs[(8192, f'prefix of {n8} pieces (mean)')][0],
-                          (24576, 'Aicha prefix'): inputs[(24576, 'Aicha prefix')][0]}, repeats=args.repeats)
-    mask_picture(OUT / 'attention_masks.png')
+                          (24576, f'{longest} prefix'): inputs[(24576, f'{longest} prefix')][0]}, repeats=args.repeats)
+    mask_picture(OUT / 'attention_masks.png', paths.get('Girls Just Want to Have Fun', files[0]))   # files[0]: band.mid without shared/midi
 
     report = f"""# Summary-token attention benchmark
 
 Machine: {machine()}
 
-Real pieces from `shared/midi/multitrack`, tokenized with `HIDTokenizer()` (instrument-major). L = 8192:
+Real pieces from {source}, tokenized with `HIDTokenizer()` (instrument-major). L = 8192:
 the first 8192 tokens of the {n8} longest pieces ({', '.join(names8)}; token counts
-{', '.join(str(lengths[k]) for k in names8)}), mean over them. L = 24576: only *Aicha* ({lengths['Aicha']} tokens)
-is that long, so its prefix is used; a second row packs two shorter pieces into one row (pieces never
+{', '.join(str(lengths[k]) for k in names8)}), mean over them. L = 24576: only *{longest}* ({lengths[longest]} tokens)
+is that long, so its prefix is used; a second row packs {pair[0]} and {pair[1]} into one row (pieces never
 attend to each other), as the data module's packing does.
 
 `pairs`: attended query-key pairs of both stages (update RR+RS and summarize SS+SR) over the L(L+1)/2 pairs

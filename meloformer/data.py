@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb 3
 from __future__ import annotations
-import argparse, bisect, hashlib, importlib.resources, json, multiprocessing, os, shutil, sys, time
+import argparse, bisect, hashlib, json, multiprocessing, os, shutil, sys, time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .tokenizer import HIDTokenizer, TokenizerConfig, MidiReadError, META_KEYS, sample_midi_dir
+from .tokenizer import HIDTokenizer, TokenizerConfig, MidiReadError, META_KEYS, demo_midi_dir, sample_midi_dir
 
 # %% auto 0
 __all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'find_midi', 'piece_index', 'encode_file', 'write_shard', 'write_meta',
-           'build_corpus', 'crop_window', 'crop_piece', 'transpose_ids', 'ShardDataset', 'demo_midi_dir', 'cache_root',
-           'prepare_demo', 'demo_dataset', 'length_buckets', 'bucket_of', 'plan_rows', 'PackedBatchSampler', 'Collate',
-           'make_loader', 'data_parser', 'main']
+           'build_corpus', 'crop_window', 'crop_piece', 'transpose_ids', 'ShardDataset', 'cache_root', 'prepare_demo',
+           'demo_dataset', 'length_buckets', 'bucket_of', 'plan_rows', 'PackedBatchSampler', 'Collate', 'make_loader',
+           'data_parser', 'main']
 
 # %% ../nbs/01_data.ipynb
 FORMAT_VERSION = 1
@@ -313,10 +313,6 @@ class ShardDataset(torch.utils.data.Dataset):
         return self.row((int(key),))
 
 # %% ../nbs/01_data.ipynb
-def demo_midi_dir() -> Path:
-    "The demo MIDI shipped inside the package."
-    return Path(str(importlib.resources.files('meloformer')))/'assets'/'demo'
-
 def cache_root() -> Path:
     "`$MELOFORMER_CACHE`, else `~/.cache/meloformer`."
     return Path(os.environ.get('MELOFORMER_CACHE') or Path.home()/'.cache'/'meloformer')
