@@ -13,11 +13,11 @@ import miditoolkit
 import symusic
 
 # %% auto 0
-__all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'META_KEYS', 'demo_midi_dir', 'sample_midi_dir', 'write_edge_midi',
-           'write_sample_midi', 'sample_midi', 'MidiReadError', 'TokenizerConfig', 'Track', 'Piece', 'read_piece',
-           'bar_grid', 'chords_per_bar', 'pitch_class_weight', 'track_class', 'velocity_bin', 'velocity_of_bin',
-           'tempo_bin', 'Layout', 'AnnotationState', 'HIDTokenizer', 'fuzz_encode', 'seconds_at', 'bar_lines',
-           'round_trip_fidelity', 'tokenizer_parser', 'main']
+__all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'META_KEYS', 'LOSS_KINDS', 'demo_midi_dir', 'sample_midi_dir',
+           'write_edge_midi', 'write_sample_midi', 'sample_midi', 'MidiReadError', 'TokenizerConfig', 'Track', 'Piece',
+           'read_piece', 'bar_grid', 'chords_per_bar', 'pitch_class_weight', 'track_class', 'velocity_bin',
+           'velocity_of_bin', 'tempo_bin', 'Layout', 'AnnotationState', 'HIDTokenizer', 'report_losses', 'fuzz_encode',
+           'seconds_at', 'bar_lines', 'round_trip_fidelity', 'tokenizer_parser', 'main']
 
 # %% ../nbs/00_tokenizer.ipynb
 def demo_midi_dir() -> Path:
@@ -759,6 +759,25 @@ class HIDTokenizer:
         return tok
 
     def __repr__(self): return f"HIDTokenizer(vocab_size={self.vocab_size}, {self.config})"
+
+# %% ../nbs/00_tokenizer.ipynb
+LOSS_KINDS = {
+    'notes_invalid': "notes with a negative time or a pitch outside 0..127",
+    'notes_after_max_bars': "notes after max_bars, dropped",
+    'durations_clipped': "durations longer than max_duration_steps, clipped",
+    'tracks_dropped': "tracks beyond max_tracks (those with fewest notes), dropped",
+    'bars_shortened': "bars cut short by a meter event inside them",
+    'meters_split': "bars of a meter longer than max_bar_quarters, split",
+    'meter_events_after_end': "meter events after the last note's bar, ignored",
+    'tempo_events_after_end': "tempo events after the last note's bar, ignored",
+    'tempo_events_merged': "tempo events on one grid step or within one tempo bin, merged",
+    'tempo_events_clamped': "tempos outside min_bpm..max_bpm, clamped",
+}
+
+def report_losses(report: dict) -> dict[str, int]:
+    "The nonzero counts of `LOSS_KINDS` in a report of `encode_with_report` (a list counts its length)."
+    counts = {k: len(report[k]) if isinstance(report.get(k), list) else int(report.get(k, 0)) for k in LOSS_KINDS}
+    return {k: v for k, v in counts.items() if v}
 
 # %% ../nbs/00_tokenizer.ipynb
 def fuzz_encode(tok: HIDTokenizer, files, n: int, seed: int = 0, time_limit_s: float = 2.0) -> dict:
