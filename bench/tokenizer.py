@@ -69,7 +69,7 @@ def main():
         rows.append(f"| {name} | {len(files) / secs:,.0f} | {n_notes / secs:,.0f} | {tokens / secs:,.0f} | "
                     f"{secs * 1e3:.1f} | {anchor / secs:.2f}x |")
     lines = [f"# Tokenizer throughput", "",
-             f"{machine()}; {len(files)} files of {root}, {n_notes:,} notes; "
+             f"{machine()}; {len(files)} files of {root.parent.name}/{root.name}, {n_notes:,} notes; "
              f"HID {n_hid:,} tokens, REMI {n_remi:,} tokens; median of {args.repeats} repeats after a warm-up.", "",
              "| path | files/s | notes/s | tokens/s | total ms | speed vs REMI |", "|---|---:|---:|---:|---:|---:|", *rows, "",
              "Where encode time goes (all files, ms):", "",

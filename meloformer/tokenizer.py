@@ -13,10 +13,11 @@ import miditoolkit
 import symusic
 
 # %% auto 0
-__all__ = ['QUALITIES', 'PITCH_CLASSES', 'META_KEYS', 'demo_midi_dir', 'sample_midi_dir', 'write_sample_midi', 'sample_midi',
-           'MidiReadError', 'TokenizerConfig', 'Track', 'Piece', 'read_piece', 'bar_grid', 'chords_per_bar',
-           'pitch_class_weight', 'track_class', 'velocity_bin', 'velocity_of_bin', 'tempo_bin', 'Layout',
-           'AnnotationState', 'HIDTokenizer', 'fuzz_encode', 'round_trip_fidelity', 'tokenizer_parser', 'main']
+__all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'META_KEYS', 'LOSS_KINDS', 'demo_midi_dir', 'sample_midi_dir',
+           'write_edge_midi', 'write_sample_midi', 'sample_midi', 'MidiReadError', 'TokenizerConfig', 'Track', 'Piece',
+           'read_piece', 'bar_grid', 'chords_per_bar', 'pitch_class_weight', 'track_class', 'velocity_bin',
+           'velocity_of_bin', 'tempo_bin', 'Layout', 'AnnotationState', 'HIDTokenizer', 'report_losses', 'fuzz_encode',
+           'seconds_at', 'bar_lines', 'round_trip_fidelity', 'tokenizer_parser', 'main']
 
 # %% ../nbs/00_tokenizer.ipynb
 def demo_midi_dir() -> Path:
@@ -46,6 +47,44 @@ def sample_midi_dir() -> Path | None:
     root = _repo_root()
     folder = root.parent/'shared'/'midi' if root else None
     return folder if folder is not None and folder.is_dir() else None
+
+# %% ../nbs/00_tokenizer.ipynb
+def _score(notes, tempos=((0, 120.),), meters=((0, 4, 4),), program=0, is_drum=False, q=480) -> symusic.Score:
+    "A one-track score from (start, duration, pitch) ticks, tempo (tick, BPM) and meter (tick, num, den) events."
+    s = symusic.Score(q)
+    for t, num, den in meters: s.time_signatures.append(symusic.TimeSignature(t, num, den))
+    for t, bpm in tempos: s.tempos.append(symusic.Tempo(int(t), bpm))
+    track = symusic.Track('Drums' if is_drum else f'Program {program}', program, is_drum)
+    for start, dur, pitch in notes: track.notes.append(symusic.Note(start, dur, pitch, 80))
+    s.tracks.append(track)
+    return s
+
+def write_edge_midi(folder) -> list[Path]:
+    """Write the timing cases real files bring into `folder/'edge'` (480 ticks per quarter); returns their paths.
+
+    Each has one right result, tested in this notebook: `notes_after_long_silence` (every note after bar 2100),
+    `stray_note_huge_tick` (8 notes in 2 bars, one more about 2^28 ticks later), `tempo_after_last_note` (a 40 BPM event
+    after the last of 16 quarter notes at 120), `ts_change_mid_bar` (3/4 two beats into bar 1), `tempo_ritardando_mid_bar`
+    (six tempo events inside bar 1, 120 down to 60 BPM), `pickup` (the first meter event, 3/4, one beat in), `meter_9_2`
+    (a meter longer than `max_bar_quarters`), `drum_kit_808` (a TR-808 drum kit, program 25, over a bass)."""
+    q, edge = 480, Path(folder)/'edge'
+    edge.mkdir(parents=True, exist_ok=True)
+    quarters = lambda n, start=0, pitch=60: [(start + k * q, q, pitch + k % 12) for k in range(n)]
+    cases = {
+        'notes_after_long_silence': _score(quarters(8, start=2100 * 4 * q)),
+        'stray_note_huge_tick': _score(quarters(8) + [(2 ** 28, q, 72)]),
+        'tempo_after_last_note': _score(quarters(16), tempos=((0, 120.), (24 * q, 40.))),
+        'ts_change_mid_bar': _score(quarters(18), meters=((0, 4, 4), (6 * q, 3, 4))),
+        'tempo_ritardando_mid_bar': _score(quarters(16), tempos=((0, 120.), (5 * q, 100.), (5.5 * q, 90.), (6 * q, 80.),
+                                                                  (6.5 * q, 70.), (7 * q, 60.), (8 * q, 120.))),
+        'pickup': _score(quarters(13), meters=((q, 3, 4),)),
+        'meter_9_2': _score(quarters(40), meters=((0, 9, 2),)),
+    }
+    for name, score in cases.items(): score.dump_midi(str(edge/f'{name}.mid'))
+    kit = _score([(t, q // 4, 36 + 2 * (t // q % 2)) for t in range(0, 16 * q, q // 2)], program=25, is_drum=True)
+    kit.tracks.append(_score(quarters(16, pitch=36), program=33).tracks[0])
+    kit.dump_midi(str(edge/'drum_kit_808.mid'))
+    return sorted(edge.glob('*.mid'))
 
 # %% ../nbs/00_tokenizer.ipynb
 _SAMPLE_CHORALES = ('bwv10.7', 'bwv101.7', 'bwv102.7')          # 22, 20 and 16 bars of 4/4 at 480 ticks per quarter
@@ -90,7 +129,7 @@ def _midi_bytes(division: bytes, *track_events: bytes) -> bytes:
     return head + b''.join(b'MTrk' + struct.pack('>I', len(ev)) + ev for ev in track_events)
 
 def write_sample_midi(folder) -> dict[str, list[Path]]:
-    """Write test MIDI made from the demo chorales into `folder`; returns `{'multitrack', 'one_track', 'long', 'bad': [paths]}`.
+    """Write test MIDI made from the demo chorales into `folder`; returns `{'multitrack', 'one_track', 'long', 'bad', 'edge': [paths]}`.
 
     - `band.mid` (480 ticks per quarter, 24 bars): 8 tracks in an unsorted file order (a late-starting flute lead, strings,
       drums, bass, piano, guitar, an organ with bars 8-10 empty, trumpet); meter 4/4 -> 3/4 (bar 6) -> 6/8 (bar 10) -> 4/4
@@ -99,7 +138,9 @@ def write_sample_midi(folder) -> dict[str, list[Path]]:
     - `long.mid`: the same 8 instruments over 12 pairs of chorales in a row (201 bars of 4/4, 34,513 HID
       tokens), for long-context tests (crops at 8192 and 24576 tokens);
     - `bad/`: the broken files readers meet, named by what is wrong: `zero_bytes.mid`, `not_midi.mid`,
-      `truncated_header.mid`, `empty.mid` (valid, no notes), `corrupted_control168.mid` (a controller value of 168).
+      `truncated_header.mid`, `empty.mid` (valid, no notes), `corrupted_control168.mid` (a controller value of 168),
+      `no_tracks.mid` (a header that declares no track), `smpte_division.mid` (SMPTE time: 25 frames/s, 40 ticks a frame);
+    - `edge/`: the timing cases of `write_edge_midi`.
     The content depends only on the demo corpus, so every call writes the same bytes."""
     folder = Path(folder); (folder/'bad').mkdir(parents=True, exist_ok=True)
     a, b, c = (symusic.Score(str(demo_midi_dir()/f'{name}.mid')) for name in _SAMPLE_CHORALES)
@@ -130,10 +171,12 @@ def write_sample_midi(folder) -> dict[str, list[Path]]:
     bad = {'zero_bytes.mid': b'', 'not_midi.mid': b'RIFF\x00\x00 this is a wave file, not MIDI\n',
            'truncated_header.mid': b'MThd\x00\x00\x00',
            'empty.mid': _midi_bytes(ppq, b'\x00\xff\x2f\x00'),
-           'corrupted_control168.mid': _midi_bytes(ppq, b'\x00\x90\x3c\x40\x00\xb0\x07\xa8\x10\x80\x3c\x40\x00\xff\x2f\x00')}
+           'corrupted_control168.mid': _midi_bytes(ppq, b'\x00\x90\x3c\x40\x00\xb0\x07\xa8\x10\x80\x3c\x40\x00\xff\x2f\x00'),
+           'no_tracks.mid': b'MThd' + struct.pack('>IHHH', 6, 1, 0, 480),
+           'smpte_division.mid': _midi_bytes(bytes([0xE7, 0x28]), b'\x00\x90\x3c\x40\x28\x80\x3c\x40\x00\xff\x2f\x00')}
     for name, data in bad.items(): (folder/'bad'/name).write_bytes(data)
     return {'multitrack': [folder/'band.mid'], 'one_track': [folder/'piano.mid'], 'long': [folder/'long.mid'],
-            'bad': sorted(folder/'bad'/n for n in bad)}
+            'bad': sorted(folder/'bad'/n for n in bad), 'edge': write_edge_midi(folder)}
 
 # %% ../nbs/00_tokenizer.ipynb
 def sample_midi(folder, n_demo: int = 2) -> dict[str, list[Path]]:
@@ -161,15 +204,17 @@ QUALITIES = {'': (0, 4, 7), 'm': (0, 3, 7), 'dim': (0, 3, 6), 'aug': (0, 4, 8),
              '7': (0, 4, 7, 10), 'maj7': (0, 4, 7, 11), 'm7': (0, 3, 7, 10), 'sus4': (0, 5, 7)}
 PITCH_CLASSES = ('C', 'C#', 'D', 'Eb', 'E', 'F', 'F#', 'G', 'Ab', 'A', 'Bb', 'B')
 
+TOKENIZER_FORMAT = 2     # 2: drum kits, tempo changes inside bars, 192 tempo bins of 20-300 BPM (1: the 0.1 release)
+
 @dataclass
 class TokenizerConfig:
     "What the HID stream can express; saved beside a tokenizer as JSON."
     steps_per_quarter: int = 4          # grid: 4 steps per quarter note = 16th notes
     max_duration_steps: int = 64        # longer notes are clipped (reported)
     n_velocity_bins: int = 32
-    n_tempo_bins: int = 32
-    min_bpm: float = 40.0
-    max_bpm: float = 250.0
+    n_tempo_bins: int = 192             # log-spaced, 1.43% apart: every tempo within 0.71% (0.1 release: 32 of 40-250)
+    min_bpm: float = 20.0               # slower or faster tempos are clamped (reported)
+    max_bpm: float = 300.0
     max_bar_quarters: int = 16          # longest bar a time signature may make
     max_tracks: int = 16                # more tracks: the ones with fewest notes are dropped (reported)
     max_bars: int = 2048                # notes after this bar are dropped (reported)
@@ -191,7 +236,8 @@ def _build_vocab(cfg: TokenizerConfig) -> tuple[list[str], dict[str, range]]:
         'special': ['PAD', 'BOS', 'EOS', 'SEP'],
         'ts':      [f'TS_{n}/{d}' for n, d in cfg.time_signatures()],
         'bpm':     [f'BPM_{i}' for i in range(cfg.n_tempo_bins)],
-        'program': ['#D'] + [f'#P{p}' for p in range(128)],
+        'tempo_at': [f'@{i}' for i in range(1, cfg.max_bar_steps())],          # a tempo change i steps into the bar
+        'program': ['#D'] + [f'#P{p}' for p in range(128)] + [f'#D{k}' for k in range(1, 128)],   # #D: standard kit
         'chord':   ['N'] + [f'{r}{q}' for r in PITCH_CLASSES for q in QUALITIES],
         'onset':   [f'T{i}' for i in range(cfg.max_bar_steps())],
         'pitch':   [f'P{i}' for i in range(128)],
@@ -244,6 +290,13 @@ def _check_header(data: bytes, source):
     if len(data) == 0: raise MidiReadError(source, "empty file (0 bytes)")
     if data[:4] != b'MThd': raise MidiReadError(source, "not a MIDI file (no MThd header)")
     if len(data) < 14: raise MidiReadError(source, f"truncated header ({len(data)} bytes)")
+    n_tracks, division = struct.unpack('>HH', data[10:14])
+    if division & 0x8000:     # SMPTE: frames per second (negative, high byte) and ticks per frame
+        fps = 256 - (division >> 8)
+        raise MidiReadError(source, f"SMPTE time division ({fps} frames per second, {division & 0xFF} ticks per frame) is not "
+                                    "supported: only ticks per quarter note; re-save the file with a metrical time division")
+    if division == 0: raise MidiReadError(source, "time division of 0 ticks per quarter note")
+    if n_tracks == 0: raise MidiReadError(source, "no tracks (the header declares 0 track chunks)")
 
 def read_piece(src, reader: str = 'symusic') -> Piece:
     "Read `src` (path, bytes, `symusic.Score` or `miditoolkit.MidiFile`) into a `Piece`; bad input raises `MidiReadError`."
@@ -271,16 +324,48 @@ def _supported_ts(cfg: TokenizerConfig, num: int, den: int) -> tuple[int, int]:
     if (num, den) in table: return num, den
     return min(table, key=lambda t: (abs(t[0] * 4 / t[1] - num * 4 / max(den, 1)), t[1] != den))
 
-def bar_grid(cfg: TokenizerConfig, ts_changes: list[tuple[int, int, int]], n_steps: int, max_bars: int | None = None):
-    "Bar start steps and (num, den) per bar from `(step, num, den)` changes, covering `n_steps` grid steps."
-    changes, max_bars = sorted(ts_changes, key=lambda c: c[0]), max_bars or cfg.max_bars
-    starts, sigs, sig, bar_start, k = [], [], (4, 4), 0, 0
+def _ts_of_steps(cfg: TokenizerConfig, steps: int) -> tuple[int, int]:
+    "The plainest time signature of the vocabulary whose bar is `steps` grid steps long (quarters, else eighths, ...)."
+    for den in (4, 8, 16, 2, 1):
+        if (steps * den) % (4 * cfg.steps_per_quarter) == 0 and (steps * den // (4 * cfg.steps_per_quarter), den) in cfg.time_signatures():
+            return steps * den // (4 * cfg.steps_per_quarter), den
+    return _supported_ts(cfg, steps, 4 * cfg.steps_per_quarter)
+
+def _meter_bars(cfg: TokenizerConfig, num: int, den: int) -> list[tuple[int, int]]:
+    "The bars one bar of num/den becomes: itself if the vocabulary has it, else equal parts of at most `max_bar_quarters`."
+    if (num, den) in cfg.time_signatures(): return [(num, den)]
+    steps = num * 4 * cfg.steps_per_quarter / max(den, 1)
+    if steps != int(steps) or steps <= cfg.max_bar_steps(): return [_supported_ts(cfg, num, den)]
+    k = -(-int(steps) // cfg.max_bar_steps())
+    while int(steps) % k: k += 1
+    return [_ts_of_steps(cfg, int(steps) // k)] * k
+
+def bar_grid(cfg: TokenizerConfig, ts_changes: list[tuple[int, int, int]], n_steps: int, max_bars: int | None = None,
+             report: dict | None = None):
+    """Bar start steps `(n_bars,)` int64 and `(num, den)` per bar from `(step, num, den)` meter changes, covering `n_steps` grid steps.
+
+    A meter change starts a new bar where it falls; a bar it falls inside is shortened to end there, written with the
+    plainest meter of that length (pretty-midi's and supriya's convention: a change two beats into a 4/4 bar makes a 2/4
+    bar). A meter longer than `max_bar_quarters` becomes equal bars that fit (9/2 -> two bars of 9/4). Counts of both go
+    into `report` (`bars_shortened`, `meters_split`) when it is given. 4/4 before the first change."""
+    changes = sorted(((int(s), int(n), int(d)) for s, n, d in ts_changes if n > 0 and d > 0), key=lambda c: c[0])
+    max_bars = max_bars or cfg.max_bars
+    starts, sigs, bar_start, k, queue, shortened, split = [], [], 0, 0, [], 0, 0
+    meter = (4, 4)
     while (bar_start < n_steps or not starts) and len(starts) < max_bars:
-        # a change belongs to the bar line nearest to it: it applies here if it comes before mid-bar
-        while k < len(changes) and changes[k][0] < bar_start + cfg.bar_steps(*sig) / 2:
-            sig = _supported_ts(cfg, int(changes[k][1]), int(changes[k][2])); k += 1
+        if k < len(changes) and changes[k][0] <= bar_start:
+            while k < len(changes) and changes[k][0] <= bar_start: meter = changes[k][1:]; k += 1    # the last at a step wins
+            queue = []
+        if not queue:
+            queue = _meter_bars(cfg, *meter); split += len(queue) > 1
+        sig = queue.pop(0)
+        length = cfg.bar_steps(*sig)
+        if k < len(changes) and changes[k][0] < bar_start + length:        # a change inside this bar ends it there
+            sig, length, queue = _ts_of_steps(cfg, changes[k][0] - bar_start), changes[k][0] - bar_start, []
+            shortened += 1
         starts.append(bar_start); sigs.append(sig)
-        bar_start += cfg.bar_steps(*sig)
+        bar_start += length
+    if report is not None: report.update(bars_shortened=shortened, meters_split=split)
     return np.array(starts, np.int64), sigs
 
 # %% ../nbs/00_tokenizer.ipynb
@@ -331,9 +416,36 @@ class Layout:
     note: dict                  # per note arrays (sorted by track, bar, pos, pitch, dur, vel): track, bar, pos, pitch, dur, vel
     bar_starts: np.ndarray      # (n_bars,) grid step of each bar line
     bar_ts: list                # (num, den) per bar
-    bar_tempo: np.ndarray       # (n_bars,) tempo bin
+    bar_tempo: np.ndarray       # (n_bars,) tempo bin in force at the bar line
     bar_chord: np.ndarray       # (n_bars,) chord index
     report: dict
+    tempo_inside: dict = None   # tempo changes inside bars: arrays bar, pos (grid steps after the bar line), bin
+
+def _tempo_map(cfg: TokenizerConfig, piece: Piece, bar_starts: np.ndarray, piece_end: int, report: dict):
+    "Tempo bin at every bar line and the changes inside bars, on the grid; events at or after `piece_end` are dropped."
+    scale = cfg.steps_per_quarter / piece.ticks_per_quarter
+    step = np.maximum(_round_half_up(piece.tempos[:, 0] * scale), 0) if len(piece.tempos) else np.zeros(0, np.int64)
+    bins = tempo_bin(cfg, piece.tempos[:, 1]) if len(piece.tempos) else np.zeros(0, np.int64)
+    bpm = piece.tempos[:, 1] if len(piece.tempos) else np.zeros(0)
+    report['tempo_events_clamped'] = int(((bpm < cfg.min_bpm * 0.99) | (bpm > cfg.max_bpm * 1.01)).sum())
+    after = step >= piece_end
+    report['tempo_events_after_end'] = int(after.sum())
+    step, bins = step[~after], bins[~after]
+    order = np.argsort(step, kind='stable')
+    step, bins = step[order], bins[order]
+    last = np.r_[step[1:] != step[:-1], True] if len(step) else np.zeros(0, bool)      # several at one step: the last wins
+    merged = int((~last).sum())
+    step, bins = step[last], bins[last]
+    default = int(tempo_bin(cfg, 120.0))
+    if not len(step) or step[0] > 0: step, bins = np.r_[0, step], np.r_[default, bins]
+    change = np.r_[True, bins[1:] != bins[:-1]]                     # a new bin, or nothing that the stream can tell
+    merged += int((~change).sum())
+    step, bins = step[change], bins[change]
+    report['tempo_events_merged'] = merged
+    bar_tempo = bins[np.searchsorted(step, bar_starts, side='right') - 1]
+    on_line = np.isin(step, bar_starts)
+    bar = np.searchsorted(bar_starts, step[~on_line], side='right') - 1
+    return bar_tempo, dict(bar=bar, pos=step[~on_line] - bar_starts[bar], bin=bins[~on_line])
 
 def _layout(cfg: TokenizerConfig, piece: Piece, source='<piece>') -> Layout:
     if piece.ticks_per_quarter <= 0: raise MidiReadError(source, f"unsupported time division {piece.ticks_per_quarter}")
@@ -344,17 +456,24 @@ def _layout(cfg: TokenizerConfig, piece: Piece, source='<piece>') -> Layout:
     track = np.repeat(np.arange(len(tracks)), [len(t.notes) for t in tracks])
     ok = (notes[:, 0] >= 0) & (notes[:, 2] >= 0) & (notes[:, 2] <= 127)
     notes, track = notes[ok], track[ok]
+    if not len(notes): raise MidiReadError(source, "no valid notes (every note has a negative time or a pitch outside 0..127)")
     onset = _round_half_up(notes[:, 0] * scale)
     dur_raw = np.maximum(_round_half_up(notes[:, 1] * scale), 1)
     ts = [(int(s), int(n), int(d)) for s, n, d in zip(_round_half_up(piece.time_signatures[:, 0] * scale),
                                                         piece.time_signatures[:, 1], piece.time_signatures[:, 2]) if n > 0 and d > 0]
-    bar_starts, bar_ts = bar_grid(cfg, ts, int(onset.max()) + 1 if len(onset) else 1)
+    report = dict(source=str(source), notes_in=int(sum(len(t.notes) for t in piece.tracks)), notes_invalid=int((~ok).sum()))
+    bar_starts, bar_ts = bar_grid(cfg, ts, int(onset.max()) + 1, report=report)
     bar_len = np.array([cfg.bar_steps(*s) for s in bar_ts])
+    inside = onset < bar_starts[-1] + bar_len[-1]
+    if not inside.any():
+        raise MidiReadError(source, f"every note starts after bar {len(bar_starts)} (max_bars; the first at quarter "
+                                    f"{notes[:, 0].min() / piece.ticks_per_quarter:.0f}): trim the leading silence or raise max_bars")
+    # the piece ends with the bar of its last kept note: nothing after it (a stray note, a late tempo or meter event) adds bars
+    n_bars = int(np.searchsorted(bar_starts, onset[inside].max(), side='right'))
+    bar_starts, bar_ts, bar_len = bar_starts[:n_bars], bar_ts[:n_bars], bar_len[:n_bars]
     piece_end = int(bar_starts[-1] + bar_len[-1])
-    inside = onset < piece_end
-    report = dict(source=str(source), notes_in=int(sum(len(t.notes) for t in piece.tracks)),
-                  notes_invalid=int((~ok).sum()), notes_after_max_bars=int((~inside).sum()),
-                  durations_clipped=int((dur_raw[inside] > cfg.max_duration_steps).sum()))
+    report.update(notes_after_max_bars=int((~inside).sum()), durations_clipped=int((dur_raw[inside] > cfg.max_duration_steps).sum()),
+                  meter_events_after_end=sum(s >= piece_end for s, _, _ in ts))
     onset, dur_raw, notes, track = onset[inside], dur_raw[inside], notes[inside], track[inside]
 
     # track order and cap
@@ -379,33 +498,36 @@ def _layout(cfg: TokenizerConfig, piece: Piece, source='<piece>') -> Layout:
     pitch = notes[:, 2]
     srt = np.lexsort((vel, dur, pitch, pos, bar, track))
     note = dict(track=track[srt], bar=bar[srt], pos=pos[srt], pitch=pitch[srt], dur=dur[srt], vel=vel[srt])
-
-    # tempo per bar: each change belongs to the bar line nearest to it; 120 BPM before the first
-    mids = bar_starts + bar_len / 2
-    tempo_steps = piece.tempos[:, 0] * scale
-    tempo_bar = np.minimum(np.searchsorted(mids, tempo_steps, side='right'), len(bar_starts) - 1)
-    last_change = np.full(len(bar_starts), -1)
-    last_change[tempo_bar] = np.arange(len(tempo_bar))           # later changes win within a bar
-    last_change = np.maximum.accumulate(last_change)
-    bpm = np.where(last_change >= 0, piece.tempos[np.maximum(last_change, 0), 1] if len(piece.tempos) else 120.0, 120.0)
+    bar_tempo, tempo_inside = _tempo_map(cfg, piece, bar_starts, piece_end, report)
 
     drums = np.array([tracks[i].is_drum for i in order], bool)
     pitched = ~drums[note['track']]
     # chords weigh the durations the stream keeps, so that encode(decode(ids)) == ids
     pcw = pitch_class_weight(onset[srt][pitched], (onset[srt] + dur[srt])[pitched], pitch[srt][pitched], bar_starts, piece_end)
-    report.update(notes=int(len(onset)), tracks=len(order), bars=len(bar_starts))
+    report.update(notes=int(len(onset)), tracks=len(order), bars=len(bar_starts),
+                  drum_kits=sorted({int(tracks[i].program) for i in order if tracks[i].is_drum}))
     return Layout([(tracks[i].program, tracks[i].is_drum) for i in order], note, bar_starts, bar_ts,
-                  tempo_bin(cfg, bpm), chords_per_bar(pcw), report)
+                  bar_tempo, chords_per_bar(pcw), report, tempo_inside)
 
 # %% ../nbs/00_tokenizer.ipynb
+def _drum_header(ranges: dict, kit: int) -> int:
+    "`#D` for the standard kit (program 0), `#D<kit>` for the others (room 8, power 16, electronic 24, TR-808 25, jazz 32, ...)."
+    return ranges['program'][0] if kit == 0 else ranges['program'][128 + kit]
+
 def _write_tokens(cfg: TokenizerConfig, vocab_index: dict, ranges: dict, lay: Layout) -> np.ndarray:
     n_tracks, n_bars = len(lay.track_programs), len(lay.bar_starts)
     ts_id = np.array([vocab_index[f'TS_{n}/{d}'] for n, d in lay.bar_ts])
     bpm_id = ranges['bpm'][0] + lay.bar_tempo
-    # changes written after track 0's bar tokens: meter first, then tempo
+    inside = lay.tempo_inside or dict(bar=np.zeros(0, np.int64), pos=np.zeros(0, np.int64), bin=np.zeros(0, np.int64))
+    # the tempo in force at the end of each bar: its last change inside it, else its bar-line tempo
+    end_tempo = bpm_id.copy()
+    last = np.r_[inside['bar'][1:] != inside['bar'][:-1], True] if len(inside['bar']) else np.zeros(0, bool)
+    end_tempo[inside['bar'][last]] = ranges['bpm'][0] + inside['bin'][last]
+    # changes written after track 0's bar tokens: meter, tempo at the bar line, then (@pos, tempo) pairs inside the bar
     ts_change = np.r_[False, ts_id[1:] != ts_id[:-1]]
-    bpm_change = np.r_[False, bpm_id[1:] != bpm_id[:-1]]
-    ctrl_len = ts_change.astype(int) + bpm_change
+    bpm_change = np.r_[False, bpm_id[1:] != end_tempo[:-1]]
+    n_inside = np.bincount(inside['bar'], minlength=n_bars)
+    ctrl_len = ts_change.astype(int) + bpm_change + 2 * n_inside
     nt = lay.note
     count = np.zeros((n_tracks, n_bars), np.int64)
     np.add.at(count, (nt['track'], nt['bar']), 1)
@@ -417,12 +539,17 @@ def _write_tokens(cfg: TokenizerConfig, vocab_index: dict, ranges: dict, lay: La
     seg_start = track_start[:, None] + 2 + np.c_[np.zeros(n_tracks, np.int64), np.cumsum(seg_len, 1)[:, :-1]]
     ids = np.empty(len(header) + track_len.sum() + 1, np.int64)
     ids[:3], ids[-1] = header, ranges['special'][2]
-    ids[track_start] = [vocab_index['#D'] if drum else ranges['program'][1] + prog for prog, drum in lay.track_programs]
+    ids[track_start] = [_drum_header(ranges, prog) if drum else ranges['program'][1] + prog for prog, drum in lay.track_programs]
     ids[track_start + 1] = ranges['special'][3]
     ids[seg_start] = ranges['chord'][0] + lay.bar_chord[None, :]
     s0 = seg_start[0]
     ids[s0[ts_change] + 1] = ts_id[ts_change]
     ids[s0[bpm_change] + 1 + ts_change[bpm_change]] = bpm_id[bpm_change]
+    if len(inside['bar']):
+        b = inside['bar']
+        rank = np.arange(len(b)) - np.searchsorted(b, b, side='left')
+        at = s0[b] + 1 + ts_change[b] + bpm_change[b] + 2 * rank
+        ids[at], ids[at + 1] = ranges['tempo_at'][0] + inside['pos'] - 1, ranges['bpm'][0] + inside['bin']
     # rank of each note inside its segment (notes are sorted by track, bar)
     seg_flat = nt['track'] * n_bars + nt['bar']
     rank = np.arange(len(seg_flat)) - np.searchsorted(seg_flat, seg_flat, side='left')
@@ -453,25 +580,34 @@ def _decode(tok, ids) -> miditoolkit.MidiFile:
     start = np.flatnonzero((kind[:max(n - 3, 0)] == _ONSET) & (bar[:max(n - 3, 0)] >= 0))
     start = start[(kind[start + 1] == _PITCH) & (kind[start + 2] == _DUR) & (kind[start + 3] == _VEL)]
     prog_at = np.flatnonzero(tok._is_program[ids])
-    programs = [(0, True) if i == r['program'][0] else (i - r['program'][1], False) for i in ids[prog_at].tolist()]
-    # meter and tempo: the last ones before the first track, then changes after track 0's bar tokens
+    programs = [tok.program_of(i) for i in ids[prog_at].tolist()]
+    # meter and tempo: the last ones before the first track, then the changes among track 0's bar tokens
     is_ts, is_bpm = np.isin(ids, list(tok._ts_of)), (ids >= r['bpm'][0]) & (ids < r['bpm'][-1] + 1)
     before = np.arange(n) < (prog_at[0] if len(prog_at) else n)
     header_ts = tok._ts_of[int(ids[is_ts & before][-1])] if (is_ts & before).any() else (4, 4)
     header_bpm = int(ids[is_bpm & before][-1] - r['bpm'][0]) if (is_bpm & before).any() else int(tempo_bin(cfg, 120.0))
     in_track0 = (track == 0) & (bar >= 0)
     ts_change = _last_per_key(bar[is_ts & in_track0], [tok._ts_of[i] for i in ids[is_ts & in_track0].tolist()])
-    bpm_change = _last_per_key(bar[is_bpm & in_track0], ids[is_bpm & in_track0] - r['bpm'][0])
+    # a tempo token right after `@pos` changes the tempo pos steps into the bar; any other, at the bar line
+    is_at = (ids >= r['tempo_at'][0]) & (ids < r['tempo_at'][-1] + 1)
+    after_at = is_bpm & np.r_[False, is_at[:-1]] & in_track0
+    at_line = is_bpm & ~np.r_[False, is_at[:-1]] & in_track0
     n_bars = int(bar.max()) + 1 if n and bar.max() >= 0 else 1
-    sigs, bpms, sig, bpm = [], [], header_ts, header_bpm
-    for b in range(n_bars):
-        sig, bpm = ts_change.get(b, sig), bpm_change.get(b, bpm); sigs.append(sig); bpms.append(bpm)
+    sigs, sig = [], header_ts
+    for b in range(n_bars): sig = ts_change.get(b, sig); sigs.append(sig)
     step_ticks = cfg.decode_ticks_per_quarter // cfg.steps_per_quarter
-    bar_starts = np.r_[0, np.cumsum([cfg.bar_steps(*s) for s in sigs])[:-1]] * step_ticks
+    bar_steps = np.array([cfg.bar_steps(*s) for s in sigs])
+    bar_starts = np.r_[0, np.cumsum(bar_steps)[:-1]] * step_ticks
+    at_pos = np.r_[0, ids[:-1] - r['tempo_at'][0] + 1]                 # for a tempo token right after `@pos`: pos
+    inside_ok = after_at & (at_pos < bar_steps[np.maximum(bar, 0)])
+    times = np.r_[0, bar_starts[bar[at_line]], bar_starts[bar[inside_ok]] + at_pos[inside_ok] * step_ticks]
+    values = np.r_[header_bpm, ids[at_line] - r['bpm'][0], ids[inside_ok] - r['bpm'][0]]
+    order = np.argsort(times, kind='stable')                             # ties: the later token wins
+    tempo = _last_per_key(times[order], values[order])
     midi = miditoolkit.MidiFile(ticks_per_beat=cfg.decode_ticks_per_quarter)
-    bins = cfg.tempo_bins()
-    midi.tempo_changes = [miditoolkit.TempoChange(float(bins[v]), int(bar_starts[b])) for b, v in enumerate(bpms)
-                          if b == 0 or v != bpms[b - 1]]
+    bins, prev = cfg.tempo_bins(), None
+    for t, v in tempo.items():
+        if v != prev: midi.tempo_changes.append(miditoolkit.TempoChange(float(bins[v]), int(t))); prev = v
     midi.time_signature_changes = [miditoolkit.TimeSignature(s[0], s[1], int(bar_starts[b])) for b, s in enumerate(sigs)
                                    if b == 0 or s != sigs[b - 1]]
     onset = bar_starts[bar[start]] + (ids[start] - r['onset'][0]) * step_ticks
@@ -559,6 +695,13 @@ class HIDTokenizer:
         self._kind_of_id = kind
         self._is_program = np.zeros(self.vocab_size, bool); self._is_program[self.ranges['program'].start:self.ranges['program'].stop] = True
         self._is_bos_eos_pad = np.isin(np.arange(self.vocab_size), [self.vocab_index[t] for t in ('PAD', 'BOS', 'EOS')])
+        self.drum_ids = np.array([self.ranges['program'][0], *self.ranges['program'][129:]])   # every drum track header
+
+    def program_of(self, header_id: int) -> tuple[int, bool]:
+        "(program, is_drum) of a track header id (`#P33` -> (33, False), `#D` -> (0, True), `#D25` -> (25, True))."
+        k = int(header_id) - self.ranges['program'][0]
+        if not 0 <= k < len(self.ranges['program']): raise ValueError(f"{header_id} is not a track header id")
+        return (0, True) if k == 0 else (k - 1, False) if k <= 128 else (k - 128, True)
 
     @property
     def vocab_size(self) -> int: return len(self.vocab)
@@ -570,7 +713,12 @@ class HIDTokenizer:
     def eos_id(self) -> int: return self.vocab_index['EOS']
 
     def encode_with_report(self, src, reader: str = 'symusic') -> tuple[np.ndarray, dict]:
-        "Ids and a report (notes in/kept, tracks dropped, durations clipped, bars) for a path, bytes, Score or MidiFile."
+        """Ids (int64) and a report of what the encoding dropped or changed, for a path, bytes, Score or MidiFile.
+
+        Report keys: `notes_in`, `notes` (kept), `notes_invalid`, `notes_after_max_bars`, `durations_clipped`,
+        `tracks_dropped` (list), `bars_shortened` (a meter event inside a bar), `meters_split` (longer than
+        `max_bar_quarters`), `meter_events_after_end` and `tempo_events_after_end` (after the last kept note's bar),
+        `tempo_events_merged` (same grid step, or no change of tempo bin), `drum_kits` (kept), `tracks`, `bars`."""
         source = src if isinstance(src, (str, Path)) else f'<{type(src).__name__}>'
         lay = _layout(self.config, read_piece(src, reader), source)
         return _write_tokens(self.config, self.vocab_index, self.ranges, lay), lay.report
@@ -591,20 +739,45 @@ class HIDTokenizer:
     def tokens(self, ids) -> list[str]: return [self.vocab[i] for i in np.asarray(ids).tolist()]
 
     def save(self, directory) -> Path:
-        "Write `tokenizer.json` (config and vocabulary) into `directory`."
+        "Write `tokenizer.json` (format version, config and vocabulary) into `directory`."
         path = Path(directory); path.mkdir(parents=True, exist_ok=True)
-        (path/'tokenizer.json').write_text(json.dumps(dict(config=dataclasses.asdict(self.config), vocab=self.vocab), indent=1))
+        data = dict(format=TOKENIZER_FORMAT, config=dataclasses.asdict(self.config), vocab=self.vocab)
+        (path/'tokenizer.json').write_text(json.dumps(data, indent=1))
         return path/'tokenizer.json'
 
     @classmethod
     def load(cls, directory) -> 'HIDTokenizer':
-        "The tokenizer saved in `directory`; its vocabulary must match its config."
+        "The tokenizer saved in `directory`; raises `ValueError` naming the format version if it was saved by another one."
         data = json.loads((Path(directory)/'tokenizer.json').read_text())
+        version = data.get('format', 1)
+        if version != TOKENIZER_FORMAT:
+            raise ValueError(f"{directory}: tokenizer format {version} (MeloFormer {'0.1' if version == 1 else 'other'}), this is "
+                             f"format {TOKENIZER_FORMAT} (drum kits, tempo inside bars, 192 tempo bins): re-tokenize the corpus "
+                             f"and retrain, or use the MeloFormer release that wrote it")
         tok = cls(TokenizerConfig(**data['config']))
         if tok.vocab != data['vocab']: raise ValueError(f"{directory}: vocabulary does not match its config")
         return tok
 
     def __repr__(self): return f"HIDTokenizer(vocab_size={self.vocab_size}, {self.config})"
+
+# %% ../nbs/00_tokenizer.ipynb
+LOSS_KINDS = {
+    'notes_invalid': "notes with a negative time or a pitch outside 0..127",
+    'notes_after_max_bars': "notes after max_bars, dropped",
+    'durations_clipped': "durations longer than max_duration_steps, clipped",
+    'tracks_dropped': "tracks beyond max_tracks (those with fewest notes), dropped",
+    'bars_shortened': "bars cut short by a meter event inside them",
+    'meters_split': "bars of a meter longer than max_bar_quarters, split",
+    'meter_events_after_end': "meter events after the last note's bar, ignored",
+    'tempo_events_after_end': "tempo events after the last note's bar, ignored",
+    'tempo_events_merged': "tempo events on one grid step or within one tempo bin, merged",
+    'tempo_events_clamped': "tempos outside min_bpm..max_bpm, clamped",
+}
+
+def report_losses(report: dict) -> dict[str, int]:
+    "The nonzero counts of `LOSS_KINDS` in a report of `encode_with_report` (a list counts its length)."
+    counts = {k: len(report[k]) if isinstance(report.get(k), list) else int(report.get(k, 0)) for k in LOSS_KINDS}
+    return {k: v for k, v in counts.items() if v}
 
 # %% ../nbs/00_tokenizer.ipynb
 def fuzz_encode(tok: HIDTokenizer, files, n: int, seed: int = 0, time_limit_s: float = 2.0) -> dict:
@@ -629,8 +802,8 @@ def fuzz_encode(tok: HIDTokenizer, files, n: int, seed: int = 0, time_limit_s: f
 # %% ../nbs/00_tokenizer.ipynb
 def _grid_notes(midi_piece: Piece, cfg: TokenizerConfig) -> np.ndarray:
     scale = cfg.steps_per_quarter / midi_piece.ticks_per_quarter
-    # a drum track's identity is being drums: its kit program is not kept (every drum track is `#D`)
-    rows = [np.c_[np.full(len(t.notes), -1 if t.is_drum else t.program), _round_half_up(t.notes[:, 0] * scale), t.notes[:, 2],
+    # a track is its program and drum flag (a drum track's program is its kit)
+    rows = [np.c_[np.full(len(t.notes), -1 - t.program if t.is_drum else t.program), _round_half_up(t.notes[:, 0] * scale), t.notes[:, 2],
                   np.minimum(np.maximum(_round_half_up(t.notes[:, 1] * scale), 1), cfg.max_duration_steps),
                   velocity_bin(cfg, t.notes[:, 3])] for t in midi_piece.tracks if len(t.notes)]
     return np.concatenate(rows) if rows else np.zeros((0, 5), np.int64)
@@ -645,8 +818,31 @@ def _value_at(times, values, at):
     i = np.searchsorted(times, at, side='right') - 1
     return np.where(i >= 0, values[np.maximum(i, 0)], values[0] if len(values) else 0)
 
+def seconds_at(piece: Piece, ticks) -> np.ndarray:
+    "Seconds at each tick of `piece` from its tempo map (120 BPM before the first tempo event); float64, like `ticks`."
+    ticks = np.asarray(ticks, np.float64)
+    t = piece.tempos[:, 0] if len(piece.tempos) else np.zeros(1)
+    bpm = piece.tempos[:, 1] if len(piece.tempos) else np.full(1, 120.)
+    if t[0] > 0: t, bpm = np.r_[0., t], np.r_[120., bpm]
+    sec_per_tick = 60 / (bpm * piece.ticks_per_quarter)
+    at_event = np.r_[0, np.cumsum(np.diff(t) * sec_per_tick[:-1])]
+    i = np.searchsorted(t, ticks, side='right') - 1
+    return at_event[i] + (ticks - t[i]) * sec_per_tick[i]
+
+def bar_lines(piece: Piece, end_tick: float) -> np.ndarray:
+    "Bar lines (ticks) before `end_tick` as the file states them: each meter event starts a bar (pretty-midi's `get_downbeats`)."
+    sig = piece.time_signatures[(piece.time_signatures[:, 1] > 0) & (piece.time_signatures[:, 2] > 0)]
+    if not len(sig) or sig[0, 0] > 0: sig = np.r_[[[0, 4, 4]], sig].astype(np.int64)
+    lines = []
+    for k, (t, num, den) in enumerate(sig.tolist()):
+        stop = min(sig[k + 1, 0] if k + 1 < len(sig) else end_tick, end_tick)
+        lines += np.arange(t, stop, num * 4 * piece.ticks_per_quarter / den).tolist()
+    return np.array(lines)
+
 def round_trip_fidelity(tok: HIDTokenizer, path) -> dict:
-    "Notes in/out, % kept exactly (and per attribute), tempo/meter agreement per bar, tokens per note and per bar."
+    """Notes in/out and % kept exactly (and per attribute); tempo and meter agreement per bar; % of the file's bar lines
+    (`bar_lines`) found in the decoded file; the largest error of a note onset in seconds, as % of the piece's length
+    (`onset_s_err`, onsets at grid resolution); tokens per note and per bar."""
     cfg = tok.config
     src = read_piece(path)
     ids, rep = tok.encode_with_report(path)
@@ -662,12 +858,26 @@ def round_trip_fidelity(tok: HIDTokenizer, path) -> dict:
         sig = piece.time_signatures if len(piece.time_signatures) else np.array([[0, 4, 4]])
         return tempo_bin(cfg, tempo), np.c_[_value_at(sig[:, 0] * scale, sig[:, 1], mids), _value_at(sig[:, 0] * scale, sig[:, 2], mids)]
     (tempo_in, ts_in), (tempo_out, ts_out) = tempo_ts_at(src), tempo_ts_at(out)
+    # bar lines in quarters: the file's own (up to the end of the piece kept) against the decoded file's
+    end_q = (lay.bar_starts[-1] + cfg.bar_steps(*lay.bar_ts[-1])) / cfg.steps_per_quarter
+    lines_in = bar_lines(src, end_q * src.ticks_per_quarter) / src.ticks_per_quarter
+    lines_out = bar_lines(out, end_q * out.ticks_per_quarter + 1) / out.ticks_per_quarter
+    half_step = 0.5 / cfg.steps_per_quarter
+    found = np.abs(lines_in[:, None] - lines_out[None, :]).min(1) <= half_step if len(lines_out) else np.zeros(len(lines_in), bool)
+    # onsets in seconds, at grid resolution: the same grid step read through each file's tempo map
+    steps = np.unique(a[:, 1][a[:, 1] < end_q * cfg.steps_per_quarter])
+    sec_in = seconds_at(src, steps * src.ticks_per_quarter / cfg.steps_per_quarter)
+    sec_out = seconds_at(out, steps * out.ticks_per_quarter / cfg.steps_per_quarter)
+    length_s = seconds_at(src, [end_q * src.ticks_per_quarter])[0]
+    kits_in = sorted({t.program for t in src.tracks if t.is_drum and len(t.notes)})
+    kits_out = sorted({t.program for t in out.tracks if t.is_drum and len(t.notes)})
     n_bars = rep['bars']
-    drum_kits = sorted({t.program for t in src.tracks if t.is_drum and len(t.notes) and t.program != 0})
     return dict(file=Path(path).name, tracks=rep['tracks'], bars=n_bars, notes_in=len(a), notes_out=len(b),
                 kept_exact=kept([0, 1, 2, 3, 4]), pitch=kept([2]), track=kept([0, 2]), onset=kept([1, 2]),
                 duration=kept([2, 3]), tempo_bars=100 * (tempo_in == tempo_out).mean(), meter_bars=100 * (ts_in == ts_out).all(1).mean(),
-                drum_kit_lost=','.join(map(str, drum_kits)), tokens=len(ids), tokens_per_note=len(ids) / max(len(a), 1), tokens_per_bar=len(ids) / (n_bars * rep['tracks']))
+                bar_lines=100 * found.mean(), onset_s_err=100 * np.abs(sec_in - sec_out).max() / max(length_s, 1e-9),
+                drum_kit_lost=','.join(str(k) for k in kits_in if k not in kits_out),
+                tokens=len(ids), tokens_per_note=len(ids) / max(len(a), 1), tokens_per_bar=len(ids) / (n_bars * rep['tracks']))
 
 # %% ../nbs/00_tokenizer.ipynb
 def tokenizer_parser() -> argparse.ArgumentParser:
