@@ -12,16 +12,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .tokenizer import HIDTokenizer, TokenizerConfig, MidiReadError, META_KEYS, demo_midi_dir, sample_midi_dir
+from .tokenizer import HIDTokenizer, TokenizerConfig, MidiReadError, META_KEYS, LOSS_KINDS, report_losses, demo_midi_dir, sample_midi_dir
 
 # %% auto 0
-__all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'find_midi', 'piece_index', 'encode_file', 'write_shard', 'write_meta',
-           'build_corpus', 'crop_window', 'crop_piece', 'transpose_ids', 'ShardDataset', 'cache_root', 'prepare_demo',
-           'demo_dataset', 'length_buckets', 'bucket_of', 'plan_rows', 'PackedBatchSampler', 'Collate', 'make_loader',
-           'data_parser', 'main']
+__all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'find_midi', 'piece_index', 'encode_file', 'write_shard', 'corpus_losses',
+           'write_meta', 'build_corpus', 'crop_window', 'crop_piece', 'transpose_ids', 'ShardDataset', 'cache_root',
+           'prepare_demo', 'demo_dataset', 'length_buckets', 'bucket_of', 'plan_rows', 'PackedBatchSampler', 'Collate',
+           'make_loader', 'data_parser', 'print_losses', 'main']
 
 # %% ../nbs/01_data.ipynb
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # 2: tokenizer format 2 (drum kits, tempo inside bars, 192 tempo bins), per-file losses
 MIDI_SUFFIXES = ('.mid', '.midi')
 
 def find_midi(src) -> list[Path]:
@@ -42,14 +42,19 @@ def piece_index(tok: HIDTokenizer, ids) -> dict:
     n_bars = len(seg_start) // n_tracks
     if n_tracks < 1 or n_bars * n_tracks != len(seg_start) or ids[0] != tok.bos_id:
         raise ValueError(f"not a HID stream: {n_tracks} tracks, {len(seg_start)} bar tokens")
-    bar_ctrl = []
-    for group, header in (('ts', ids[1]), ('bpm', ids[2])):
-        r = tok.ranges[group]
-        change = (m['track'] == 0) & (ids >= r.start) & (ids < r.stop)   # changes live in track 0's bars
-        at_bar = np.full(n_bars, -1); at_bar[0] = header
-        at_bar[m['bar'][change]] = ids[change]
-        bar_ctrl.append(at_bar[np.maximum.accumulate(np.where(at_bar >= 0, np.arange(n_bars), 0))])
-    return dict(n_tracks=n_tracks, n_bars=n_bars, seg_start=seg_start, bar_ts=bar_ctrl[0], bar_bpm=bar_ctrl[1])
+    r = tok.ranges['ts']
+    change = (m['track'] == 0) & (ids >= r.start) & (ids < r.stop)       # meter changes live in track 0's bar tokens
+    at_bar = np.full(n_bars, -1); at_bar[0] = ids[1]
+    at_bar[m['bar'][change]] = ids[change]
+    bar_ts = at_bar[np.maximum.accumulate(np.where(at_bar >= 0, np.arange(n_bars), 0))]
+    # the tempo at each bar line: the last tempo token of track 0 at that line (key 2 * bar) or in an earlier bar (a
+    # change inside bar b, `@pos BPM`, has key 2 * b + 1); the header's before any
+    r, at = tok.ranges['bpm'], tok.ranges['tempo_at']
+    k = np.flatnonzero((m['track'] == 0) & (ids >= r.start) & (ids < r.stop))
+    inside = (ids[np.maximum(k - 1, 0)] >= at.start) & (ids[np.maximum(k - 1, 0)] < at.stop)
+    last = np.searchsorted(2 * m['bar'][k] + inside, 2 * np.arange(n_bars), side='right') - 1
+    bar_bpm = np.where(last >= 0, ids[k[np.maximum(last, 0)]] if len(k) else ids[2], ids[2])
+    return dict(n_tracks=n_tracks, n_bars=n_bars, seg_start=seg_start, bar_ts=bar_ts, bar_bpm=bar_bpm)
 
 # %% ../nbs/01_data.ipynb
 _SHARD_ARRAYS = ('tokens', 'table', 'segs', 'bars', 'hashes')
@@ -62,12 +67,12 @@ def _shard_fingerprint(tok: HIDTokenizer, files: list[Path], rels: list[str]) ->
     return _fingerprint(FORMAT_VERSION, tok.config, rels, sizes)
 
 def encode_file(tok: HIDTokenizer, path) -> tuple[np.ndarray, dict, int]:
-    "Ids, `piece_index` and content hash (uint64 from SHA-1) of one MIDI file; bad input raises `MidiReadError`."
+    "Ids, `piece_index` (with the file's `losses`, see `report_losses`) and content hash (uint64 from SHA-1) of one MIDI file; bad input raises `MidiReadError`."
     try: data = Path(path).read_bytes()
     except OSError as e: raise MidiReadError(path, e.strerror or type(e).__name__) from None
-    try: ids = tok.encode(data)
+    try: ids, report = tok.encode_with_report(data)
     except MidiReadError as e: raise MidiReadError(path, e.reason) from None
-    return ids, piece_index(tok, ids), int.from_bytes(hashlib.sha1(data).digest()[:8], 'little')
+    return ids, dict(piece_index(tok, ids), losses=report_losses(report)), int.from_bytes(hashlib.sha1(data).digest()[:8], 'little')
 
 def write_shard(path, pieces: list[tuple], manifest: dict) -> Path:
     "Write `pieces` (ids, index, hash) as one shard folder at `path`, atomically (temporary folder + rename)."
@@ -106,6 +111,16 @@ def _encode_task(task):
     except Exception as e: return rel, None, f"{type(e).__name__}: {e}".split('\n')[0]  # a tokenizer bug must not end the run
 
 # %% ../nbs/01_data.ipynb
+def corpus_losses(per_file: dict[str, dict[str, int]], top: int = 5) -> dict:
+    """What the tokenizer dropped or changed over a corpus, from `{file: report_losses(...)}`: per kind of `LOSS_KINDS`
+    the total count and the number of files, and the `top` files with the most changes (all kinds added up)."""
+    total = {k: sum(c.get(k, 0) for c in per_file.values()) for k in LOSS_KINDS}
+    files = {k: sum(k in c for c in per_file.values()) for k in LOSS_KINDS}
+    worst = sorted(per_file.items(), key=lambda fc: (-sum(fc[1].values()), fc[0]))[:top]
+    return dict(total={k: v for k, v in total.items() if v}, files={k: v for k, v in files.items() if v},
+                most_affected=[[f, c] for f, c in worst])
+
+# %% ../nbs/01_data.ipynb
 def _split_valid(hashes: np.ndarray, seed: int, valid_frac: float) -> np.ndarray:
     "True for validation pieces: a splitmix64 hash of (content hash, seed) below `valid_frac`."
     x = np.asarray(hashes, np.uint64) ^ np.uint64((0x9E3779B97F4A7C15 * (seed + 1)) % 2**64)
@@ -131,7 +146,7 @@ def _first_occurrence(hashes: np.ndarray) -> np.ndarray:
     return keep
 
 def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05, expected_shards: int | None = None, src=None) -> dict:
-    "Summarize every shard under `root` into `meta.json` (counts per split, skipped files) and `skipped.tsv`."
+    "Summarize every shard under `root` into `meta.json` (counts per split, skipped files, losses) and `skipped.tsv`, `losses.jsonl`."
     root = Path(root)
     names = _shard_names(root)
     shard, table, hashes = _load_tables(root, names)
@@ -140,16 +155,17 @@ def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05,
     counts = {}
     for split, sel in (('train', unique & ~valid), ('valid', unique & valid)):
         counts[split] = dict(pieces=int(sel.sum()), tokens=int(table[sel, 1].sum()), segments=int((table[sel, 2] * table[sel, 3]).sum()))
-    skipped, n_files = [], 0
+    skipped, n_files, losses = [], 0, {}
     for n in names:
         man = json.loads((root/'shards'/n/'manifest.json').read_text())
-        skipped += man['skipped']; n_files += len(man['files'])
+        skipped += man['skipped']; n_files += len(man['files']); losses.update(man.get('losses', {}))
     meta = dict(format=FORMAT_VERSION, tokenizer=tok.config.__dict__, vocab_size=tok.vocab_size, token_dtype='uint16',
                 src=str(src) if src else None, seed=seed, valid_frac=valid_frac, shards=names,
                 expected_shards=expected_shards, complete=expected_shards is None or len(names) == expected_shards,
-                files=n_files, skipped=len(skipped), duplicates=int((~unique).sum()), counts=counts)
+                files=n_files, skipped=len(skipped), duplicates=int((~unique).sum()), counts=counts, losses=corpus_losses(losses))
     tok.save(root)
     (root/'skipped.tsv').write_text('file\treason\n' + ''.join(f"{f}\t{r}\n" for f, r in skipped))
+    (root/'losses.jsonl').write_text(''.join(json.dumps(dict(file=f, **c)) + '\n' for f, c in sorted(losses.items())))
     tmp = root/f'meta.json.tmp-{os.getpid()}'
     tmp.write_text(json.dumps(meta, indent=1)); os.replace(tmp, root/'meta.json')
     return meta
@@ -185,13 +201,16 @@ def build_corpus(src, out, workers: int = 0, valid_frac: float = 0.05, seed: int
         for j, chunk, fp in todo:
             tasks = [(files[i], rels[i]) for i in chunk]
             results = pool.imap(_encode_task, tasks, chunksize=4) if pool else map(_encode_task, tasks)
-            pieces, names, skipped = [], [], []
+            pieces, names, skipped, losses = [], [], [], {}
             for rel, res, reason in results:
                 if res is None: skipped.append([rel, reason])
-                else: pieces.append(res); names.append(rel)
+                else:
+                    pieces.append(res); names.append(rel)
+                    if res[1]['losses']: losses[rel] = res[1]['losses']
                 bar.update(1)
             write_shard(out/'shards'/f'shard-{j:05d}', pieces,
-                        dict(format=FORMAT_VERSION, fingerprint=fp, files=[rels[i] for i in chunk], pieces=names, skipped=skipped))
+                        dict(format=FORMAT_VERSION, fingerprint=fp, files=[rels[i] for i in chunk], pieces=names, skipped=skipped,
+                             losses=losses))
             run['built'] += 1; run['skipped'] += skipped
         bar.close()
     finally:
@@ -237,7 +256,7 @@ def transpose_ids(tok: HIDTokenizer, ids: np.ndarray, semitones: int, meta: dict
     "Ids with pitched tracks transposed by `semitones`, clipped to keep pitches in 0..127; returns (ids, shift applied)."
     meta = meta if meta is not None else tok.annotate(ids)
     pitch0, chord0, n_q = tok.ranges['pitch'][0], tok.ranges['chord'][0], (len(tok.ranges['chord']) - 1) // 12
-    drum_tracks = meta['track'][(ids == tok.vocab_index['#D'])]
+    drum_tracks = meta['track'][np.isin(ids, tok.drum_ids)]              # `#D` and the other kits
     pitched = (meta['kind'] == 1) & ~np.isin(meta['track'], drum_tracks)
     if not pitched.any() or semitones == 0: return ids, 0
     p = ids[pitched] - pitch0
@@ -453,7 +472,7 @@ def data_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m meloformer.data', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Tokenize a folder of MIDI files into memory-mapped shards for training (resumable).")
     p.add_argument('src', help="folder searched recursively for .mid/.midi files (or one file)")
-    p.add_argument('out', help="output folder: shards/, meta.json, skipped.tsv, tokenizer.json")
+    p.add_argument('out', help="output folder: shards/, meta.json, skipped.tsv, losses.jsonl, tokenizer.json")
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes (0: in this process)")
     p.add_argument('--valid_frac', type=float, default=0.05, help="fraction of pieces in the validation split (by content hash)")
     p.add_argument('--seed', type=int, default=0, help="seed of the train/valid split")
@@ -462,6 +481,13 @@ def data_parser() -> argparse.ArgumentParser:
     p.add_argument('--shard_index', type=int, default=0, help="... and build the shards j with j %% num_shards == shard_index")
     p.add_argument('--no_progress', action='store_true', help="no progress bar")
     return p
+
+def print_losses(losses: dict, file=None):
+    "The corpus loss report of `corpus_losses`: per kind, count and files; then the most affected files."
+    if not losses['total']: print("losses: none (every note, meter and tempo kept at grid resolution)", file=file); return
+    print("losses (kind: count in files - what it is):", file=file)
+    for k, n in losses['total'].items(): print(f"  {k}: {n} in {losses['files'][k]} file(s) - {LOSS_KINDS[k]}", file=file)
+    print("most affected: " + "; ".join(f"{f} ({', '.join(f'{k} {n}' for k, n in c.items())})" for f, c in losses['most_affected']), file=file)
 
 def main(argv=None) -> int:
     args = data_parser().parse_args(argv)
@@ -479,6 +505,7 @@ def main(argv=None) -> int:
         print(f"{split}: {c[split]['pieces']} pieces, {c[split]['tokens']} tokens, {c[split]['segments']} segments")
     print(f"{res['files']} files: {res['files'] - res['skipped']} tokenized, {res['skipped']} skipped, {res['duplicates']} duplicates; "
           f"shards {res['run']['built']} built, {res['run']['reused']} reused, {len(res['shards'])}/{res['expected_shards']} present -> {args.out}")
+    print_losses(res['losses'])
     if c['train']['pieces'] + c['valid']['pieces'] == 0: print("error: no file could be processed", file=sys.stderr); return 1
     return 0
 

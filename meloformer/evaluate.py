@@ -324,7 +324,7 @@ def _reference_plan(tok, dataset, n_bars: int):
     for i in range(min(len(dataset), 200)):
         ids = dataset.piece(i)
         heads[tuple(tok.vocab[j] for j in ids[tok._is_program[ids]])] += 1
-    tracks = [h[2:] if h != '#D' else 'drums' for h in heads.most_common(1)[0][0]]   # '#P40' -> '40'
+    tracks = [h[2:] if not h.startswith('#D') else 'drums' for h in heads.most_common(1)[0][0]]   # '#P40' -> '40', '#D25' -> 'drums'
     ids = dataset.piece(0)
     ts = tok.vocab[int(ids[1])][3:] if tok.vocab[int(ids[1])].startswith('TS_') else '4/4'
     bpm = float(tok.config.tempo_bins()[int(ids[2]) - tok.ranges['bpm'][0]]) if tok.vocab[int(ids[2])].startswith('BPM_') else 120.0

@@ -172,6 +172,7 @@ class Grammar:
             self.bar_steps[i] = tok.config.bar_steps(num, den)
         self.bos, self.eos, self.pad, self.sep = tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_index['SEP']
         self.onset0 = r['onset'].start
+        self.at0 = r['tempo_at'].start                  # `@pos` id = at0 + pos - 1
         # fixed tokens of each planned track besides its sampled bars: header, SEP, prompt minus the prompt's bar tokens
         self.prompt_bars = [int(self.masks['chord'][tp.prompt].sum()) for tp in self.plan.tracks or []]
         self.track_extra = [2 + len(tp.prompt) - nb for tp, nb in zip(self.plan.tracks or [], self.prompt_bars)]
@@ -191,11 +192,12 @@ class GrammarState:
     "Where a stream stands in the grammar; `allowed()` (V,) bool, `step(id)` advances."
     def __init__(self, g: Grammar):
         self.g, self.n = g, 0
-        self.phase = 'header'                   # header | program | sep | bar | body | note | done
+        self.phase = 'header'                   # header | program | sep | bar | body | note | tempo_at | done
         self.header = list(g.plan.header) if g.plan.header else None
         self.n_header = 0
         self.track, self.bars, self.n_bars = -1, 0, g.plan.n_bars
         self.note, self.last_onset, self.ctrl, self.bar_notes = 0, 0, 0, 0     # ctrl: 0 right after a bar token, 1 after TS, 2 after BPM, 3 notes begun
+        self.last_at = 0                        # grid position of the last tempo change inside the bar (`@pos BPM`)
         self.meter, self.header_steps, self.forced = [], 16, []
 
     # tokens still needed to end the piece from the body of the current track, with `bars` done there of `n_bars`
@@ -221,6 +223,7 @@ class GrammarState:
         if self.phase == 'sep': return g.one[g.sep]
         if self.phase == 'bar': return m['chord']
         if self.phase == 'note': return (m['pitch'], m['dur'], m['vel'])[self.note - 1]
+        if self.phase == 'tempo_at': return m['bpm']                        # `@pos` is always followed by its tempo
         if self.phase == 'done': return g.one[g.pad]
         # body: after a bar token or a whole note
         left = g.max_len - self.n
@@ -232,9 +235,11 @@ class GrammarState:
         if self.track == 0 and self.ctrl < 2 and left >= 1 + need and not in_prompt:
             if self.ctrl == 0: out |= m['ts']
             out |= m['bpm']
+        steps = self.meter[self.bars - 1] if self.bars - 1 < len(self.meter) else self.meter[-1]
+        if self.track == 0 and self.ctrl < 3 and left >= 2 + need and not in_prompt:
+            out[g.at0 + self.last_at:g.at0 + steps - 1] = True               # `@pos`, pos after the last one, inside the bar
         room = g.max_bar_notes is None or self.bar_notes < g.max_bar_notes
         if left >= 4 + need and not in_prompt and room:
-            steps = self.meter[self.bars - 1] if self.bars - 1 < len(self.meter) else self.meter[-1]
             out[g.onset0 + self.last_onset:g.onset0 + steps] = True
         open_bars = self.n_bars is None and self.bars < self.g.tok.config.max_bars and left >= 1 + self._need(self.bars + 1, self.bars + 1)
         if (self.n_bars is not None and self.bars < self.n_bars) or open_bars: out |= m['chord']
@@ -262,12 +267,14 @@ class GrammarState:
         elif self.phase == 'note':
             self.note = (self.note + 1) % 4
             if self.note == 0: self.phase = 'body'
+        elif self.phase == 'tempo_at': self.phase, self.ctrl = 'body', 2
         elif self.phase in ('bar', 'body'):
             if g.masks['chord'][i]:
-                self.bars += 1; self.phase, self.ctrl, self.last_onset, self.bar_notes = 'body', 0, 0, 0
+                self.bars += 1; self.phase, self.ctrl, self.last_onset, self.bar_notes, self.last_at = 'body', 0, 0, 0, 0
                 if self.track == 0: self.meter.append(self.meter[-1] if self.meter else self.header_steps)
             elif g.masks['ts'][i]: self.ctrl = 1; self.meter[-1] = g.bar_steps[i]
             elif g.masks['bpm'][i]: self.ctrl = 2
+            elif g.masks['tempo_at'][i]: self.phase, self.last_at = 'tempo_at', i - g.at0 + 1
             elif g.masks['onset'][i]:
                 self.ctrl, self.last_onset, self.note, self.phase = 3, i - g.onset0, 1, 'note'
                 self.bar_notes += 1
@@ -304,19 +311,21 @@ _PROGRAMS = dict(piano=0, epiano=4, organ=16, guitar=25, electric_guitar=27, bas
                  choir=52, trumpet=56, brass=61, sax=65, flute=73, lead=80, pad=88)
 
 def track_token(tok: HIDTokenizer, spec) -> int:
-    "Header id of a track given as `drums`, a GM program 0-127, or a name (piano, bass, guitar, strings, lead, ...)."
+    "Header id of a track given as `drums` (standard kit), `drums25` (a GM drum kit 0-127), a GM program 0-127, or a name (piano, bass, ...)."
     s = str(spec).strip().lower()
     if s in ('drums', 'd', '#d'): return tok.vocab_index['#D']
+    kit = s[5:] if s.startswith('drums') else s[2:] if s.startswith('#d') else None
+    if kit is not None and kit.isdigit() and 0 <= int(kit) <= 127: return tok.vocab_index['#D' if int(kit) == 0 else f'#D{int(kit)}']
     prog = int(s) if s.lstrip('-').isdigit() else _PROGRAMS.get(s)
     if prog is None or not 0 <= prog <= 127:
-        raise ValueError(f"unknown track {spec!r}: use drums, a program 0-127 or one of {', '.join(_PROGRAMS)}")
+        raise ValueError(f"unknown track {spec!r}: use drums, drums<kit>, a program 0-127 or one of {', '.join(_PROGRAMS)}")
     return tok.vocab_index[f'#P{prog}']
 
 def _track_order(tok, header_id) -> int:
     "The tokenizer's track order: drums, bass, harmony, melody."
     from meloformer.tokenizer import track_class
     name = tok.vocab[header_id]
-    return track_class(0, True) if name == '#D' else track_class(int(name[2:]), False)
+    return track_class(0, True) if name.startswith('#D') else track_class(int(name[2:]), False)
 
 def plan_from_scratch(tok: HIDTokenizer, tracks=('drums', 'bass', 'piano'), n_bars: int = 8, ts: str = '4/4', bpm: float = 120.0) -> Plan:
     "A new piece: chosen tracks (in the tokenizer's drums-bass-harmony-melody order), bar count, meter and tempo."

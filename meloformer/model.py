@@ -26,7 +26,7 @@ _SIZES = dict(
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 674                   # HIDTokenizer().vocab_size
+    vocab_size: int = 1024                  # HIDTokenizer().vocab_size (tokenizer format 2)
     n_layer: int = 8
     n_head: int = 6
     d_model: int = 384

@@ -357,9 +357,14 @@ def bar_grid(cfg: TokenizerConfig, ts_changes: list[tuple[int, int, int]], n_ste
             while k < len(changes) and changes[k][0] <= bar_start: meter = changes[k][1:]; k += 1    # the last at a step wins
             queue = []
         if not queue:
-            queue = _meter_bars(cfg, *meter); split += len(queue) > 1
+            queue = _meter_bars(cfg, *meter); split_meter = len(queue) > 1; split += split_meter
         sig = queue.pop(0)
         length = cfg.bar_steps(*sig)
+        if k == len(changes) and not queue and bar_start + length < n_steps and not split_meter:   # one meter to the end: all its bars at once
+            n = min(-(-(n_steps - bar_start) // length), max_bars - len(starts))
+            starts += range(bar_start, bar_start + n * length, length); sigs += [sig] * n
+            bar_start += n * length
+            continue
         if k < len(changes) and changes[k][0] < bar_start + length:        # a change inside this bar ends it there
             sig, length, queue = _ts_of_steps(cfg, changes[k][0] - bar_start), changes[k][0] - bar_start, []
             shortened += 1
