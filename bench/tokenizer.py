@@ -33,7 +33,9 @@ def main():
     if root is None: raise SystemExit("no MIDI folder: pass --midi DIR")
     tok = HIDTokenizer()
     files = []
-    for f in sorted(root.rglob('*.mid')):
+    # the real pieces (multitrack/, one_track/ where the folder has them), not the tiny timing cases of edge/
+    candidates = sorted(root.glob('multitrack/*.mid')) + sorted(root.glob('one_track/*.mid')) or sorted(root.rglob('*.mid'))
+    for f in candidates:
         try: tok.encode(f); files.append(f)
         except MidiReadError: pass
     # REMI with what HID keeps too: programs in one stream, tempos, time signatures
