@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb 3
 from __future__ import annotations
-import argparse, bisect, hashlib, json, multiprocessing, os, shutil, sys, time
+import argparse, bisect, hashlib, json, multiprocessing, os, re, shlex, shutil, sys, time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -21,7 +21,7 @@ __all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'find_midi', 'piece_index', 'encod
            'make_loader', 'data_parser', 'print_losses', 'main']
 
 # %% ../nbs/01_data.ipynb
-FORMAT_VERSION = 2     # 2: tokenizer format 2 (drum kits, tempo inside bars, 192 tempo bins), per-file losses
+FORMAT_VERSION = 3     # 3: manifests record each file's size, mtime and SHA-1; meta.json lists the build's shards; skipped.jsonl
 MIDI_SUFFIXES = ('.mid', '.midi')
 
 def find_midi(src) -> list[Path]:
@@ -62,17 +62,58 @@ _SHARD_ARRAYS = ('tokens', 'table', 'segs', 'bars', 'hashes')
 def _fingerprint(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-def _shard_fingerprint(tok: HIDTokenizer, files: list[Path], rels: list[str]) -> str:
-    sizes = [f.stat().st_size if f.exists() else -1 for f in files]
-    return _fingerprint(FORMAT_VERSION, tok.config, rels, sizes)
+def _plan_fingerprint(tok: HIDTokenizer, rels: list[str]) -> str:
+    "What a shard is made from, its files' content aside: the format, the tokenizer config and the file names."
+    return _fingerprint(FORMAT_VERSION, tok.config, rels)
+
+def _stat(path) -> list[int] | None:
+    "`[size in bytes, modification time in ns]` of a file; None if it cannot be stat'ed."
+    try: st = os.stat(path)
+    except OSError: return None
+    return [st.st_size, st.st_mtime_ns]
+
+def _sha1_of(path) -> str | None:
+    try: return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    except OSError: return None
+
+def _check_sources(files: list[Path], sources) -> list | None:
+    """The records `[size, mtime_ns, sha1]` of `files` now if each still holds what `sources` recorded, else None.
+    A file with its recorded size and time is not read; one whose time moved is read and its SHA-1 compared."""
+    if not isinstance(sources, list) or len(sources) != len(files): return None
+    now = []
+    for f, rec in zip(files, sources):
+        st = _stat(f)                                 # before reading: a later edit moves the time past this record
+        if st is None or rec is None or st[0] != rec[0]: return None
+        if st[1] != rec[1] and (rec[2] is None or _sha1_of(f) != rec[2]): return None
+        now.append([*st, rec[2]])
+    return now
+
+def _write_atomic(path: Path, text: str):
+    "Write `text` to `path` through a temporary file and a rename: a reader sees the old file or the new one, whole."
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text); os.replace(tmp, path)
+
+def _shard_is_current(folder: Path, plan: str, files: list[Path], refresh: bool = True) -> bool:
+    """Whether the shard at `folder` is what `files` make now; with `refresh`, records the new time of a file whose
+    content did not change (only the machine that builds a shard writes into it)."""
+    try: man = json.loads((folder/'manifest.json').read_text())
+    except (OSError, ValueError): return False
+    if man.get('plan') != plan: return False
+    sources = _check_sources(files, man.get('sources'))
+    if sources is None: return False
+    if refresh and sources != man['sources']: _write_atomic(folder/'manifest.json', json.dumps(dict(man, sources=sources), indent=1))
+    return True
+
+def _encode_data(tok: HIDTokenizer, path, data: bytes, digest: bytes) -> tuple[np.ndarray, dict, int]:
+    try: ids, report = tok.encode_with_report(data)
+    except MidiReadError as e: raise MidiReadError(path, e.reason) from None
+    return ids, dict(piece_index(tok, ids), losses=report_losses(report)), int.from_bytes(digest[:8], 'little')
 
 def encode_file(tok: HIDTokenizer, path) -> tuple[np.ndarray, dict, int]:
     "Ids, `piece_index` (with the file's `losses`, see `report_losses`) and content hash (uint64 from SHA-1) of one MIDI file; bad input raises `MidiReadError`."
     try: data = Path(path).read_bytes()
     except OSError as e: raise MidiReadError(path, e.strerror or type(e).__name__) from None
-    try: ids, report = tok.encode_with_report(data)
-    except MidiReadError as e: raise MidiReadError(path, e.reason) from None
-    return ids, dict(piece_index(tok, ids), losses=report_losses(report)), int.from_bytes(hashlib.sha1(data).digest()[:8], 'little')
+    return _encode_data(tok, path, data, hashlib.sha1(data).digest())
 
 def write_shard(path, pieces: list[tuple], manifest: dict) -> Path:
     "Write `pieces` (ids, index, hash) as one shard folder at `path`, atomically (temporary folder + rename)."
@@ -105,10 +146,16 @@ def _init_worker(config: dict):
     _WORKER_TOK = HIDTokenizer(TokenizerConfig(**config))
 
 def _encode_task(task):
+    "`(rel, (ids, index, hash) or None, skip reason or None, [size, mtime_ns, sha1] or None)` of one file."
     path, rel = task
-    try: return rel, encode_file(_WORKER_TOK, path), None
-    except MidiReadError as e: return rel, None, e.reason
-    except Exception as e: return rel, None, f"{type(e).__name__}: {e}".split('\n')[0]  # a tokenizer bug must not end the run
+    st = _stat(path)
+    try: data = Path(path).read_bytes()
+    except OSError as e: return rel, None, e.strerror or type(e).__name__, st and [*st, None]
+    digest = hashlib.sha1(data).digest()
+    source = st and [*st, digest.hex()]
+    try: return rel, _encode_data(_WORKER_TOK, path, data, digest), None, source
+    except MidiReadError as e: return rel, None, e.reason, source
+    except Exception as e: return rel, None, f"{type(e).__name__}: {e}".split('\n')[0], source  # a tokenizer bug must not end the run
 
 # %% ../nbs/01_data.ipynb
 def corpus_losses(per_file: dict[str, dict[str, int]], top: int = 5) -> dict:
@@ -121,14 +168,30 @@ def corpus_losses(per_file: dict[str, dict[str, int]], top: int = 5) -> dict:
                 most_affected=[[f, c] for f, c in worst])
 
 # %% ../nbs/01_data.ipynb
-def _split_valid(hashes: np.ndarray, seed: int, valid_frac: float) -> np.ndarray:
-    "True for validation pieces: a splitmix64 hash of (content hash, seed) below `valid_frac`."
+def _split_draw(hashes: np.ndarray, seed: int) -> np.ndarray:
+    "uint64 splitmix64 hash of (content hash, seed) per piece: the split's draw, a function of the piece and the seed alone."
     x = np.asarray(hashes, np.uint64) ^ np.uint64((0x9E3779B97F4A7C15 * (seed + 1)) % 2**64)
     with np.errstate(over='ignore'):
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < valid_frac
+        return x ^ (x >> np.uint64(31))
+
+def _split_valid(hashes: np.ndarray, seed: int, valid_frac: float) -> np.ndarray:
+    """True for validation pieces: those whose draw (`_split_draw` read as a number in [0, 1)) is below `valid_frac`.
+    With `valid_frac` > 0 and two or more distinct pieces, neither split is empty: if the draws pick no validation piece,
+    the piece with the smallest draw (and its copies) is validation; if they pick all, the largest goes to training."""
+    hashes = np.asarray(hashes, np.uint64)
+    x = _split_draw(hashes, seed)                  # a bijection of the hash: distinct pieces, distinct draws
+    valid = (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < valid_frac
+    if valid_frac > 0 and len(np.unique(hashes)) >= 2:
+        if not valid.any(): valid = x == x.min()
+        elif valid.all(): valid = x != x.max()
+    return valid
+
+def _shard_number(name: str) -> int | None:
+    "j of a shard folder `shard-0000j` or of its temporary `shard-0000j.tmp-PID`; None for any other name."
+    m = re.fullmatch(r'shard-(\d+)(\.tmp-.+)?', name)
+    return int(m[1]) if m else None
 
 def _shard_names(root: Path) -> list[str]:
     return sorted(p.name for p in (root/'shards').glob('shard-*') if p.is_dir() and '.tmp-' not in p.name)
@@ -145,10 +208,21 @@ def _first_occurrence(hashes: np.ndarray) -> np.ndarray:
     keep[np.unique(hashes, return_index=True)[1]] = True
     return keep
 
-def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05, expected_shards: int | None = None, src=None) -> dict:
-    "Summarize every shard under `root` into `meta.json` (counts per split, skipped files, losses) and `skipped.tsv`, `losses.jsonl`."
+def _build_command(meta: dict, root) -> str:
+    "The command line that builds, or finishes, the folder `root` that `meta` describes."
+    args = [meta.get('src') or 'SRC', str(root)]
+    for flag, default in (('files_per_shard', 1000), ('valid_frac', 0.05), ('seed', 0)):
+        if meta.get(flag) is not None and meta[flag] != default: args += [f'--{flag}', str(meta[flag])]
+    return 'python -m meloformer.data ' + ' '.join(shlex.quote(a) for a in args)
+
+def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05, expected_shards: int | None = None, src=None,
+               shards: list[str] | None = None, files_per_shard: int | None = None) -> dict:
+    """Summarize a build's shards under `root` into `meta.json` (counts per split, skipped files, losses), `skipped.jsonl`
+    (one `{"file", "reason"}` per line) and `losses.jsonl`. `shards`: the build's shards that are present and up to date
+    (default: every shard folder); `complete` is True when none of `shard-00000` .. `expected_shards - 1` is missing.
+    Returns the `meta.json` contents plus `skipped_files`, the `[file, reason]` of every skipped file."""
     root = Path(root)
-    names = _shard_names(root)
+    names = _shard_names(root) if shards is None else list(shards)
     shard, table, hashes = _load_tables(root, names)
     valid = _split_valid(hashes, seed, valid_frac)
     unique = _first_occurrence(hashes)
@@ -159,16 +233,18 @@ def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05,
     for n in names:
         man = json.loads((root/'shards'/n/'manifest.json').read_text())
         skipped += man['skipped']; n_files += len(man['files']); losses.update(man.get('losses', {}))
+    present = set(names)
+    missing = [n for n in (f'shard-{j:05d}' for j in range(expected_shards or 0)) if n not in present]
     meta = dict(format=FORMAT_VERSION, tokenizer=tok.config.__dict__, vocab_size=tok.vocab_size, token_dtype='uint16',
-                src=str(src) if src else None, seed=seed, valid_frac=valid_frac, shards=names,
-                expected_shards=expected_shards, complete=expected_shards is None or len(names) == expected_shards,
+                src=str(src) if src else None, files_per_shard=files_per_shard, seed=seed, valid_frac=valid_frac, shards=names,
+                expected_shards=expected_shards, missing=missing, complete=not missing,
                 files=n_files, skipped=len(skipped), duplicates=int((~unique).sum()), counts=counts, losses=corpus_losses(losses))
     tok.save(root)
-    (root/'skipped.tsv').write_text('file\treason\n' + ''.join(f"{f}\t{r}\n" for f, r in skipped))
-    (root/'losses.jsonl').write_text(''.join(json.dumps(dict(file=f, **c)) + '\n' for f, c in sorted(losses.items())))
-    tmp = root/f'meta.json.tmp-{os.getpid()}'
-    tmp.write_text(json.dumps(meta, indent=1)); os.replace(tmp, root/'meta.json')
-    return meta
+    _write_atomic(root/'skipped.jsonl', ''.join(json.dumps(dict(file=f, reason=r)) + '\n' for f, r in skipped))
+    _write_atomic(root/'losses.jsonl', ''.join(json.dumps(dict(file=f, **c)) + '\n' for f, c in sorted(losses.items())))
+    (root/'skipped.tsv').unlink(missing_ok=True)                  # format 2's report, not this build's
+    _write_atomic(root/'meta.json', json.dumps(meta, indent=1))
+    return dict(meta, skipped_files=skipped)
 
 # %% ../nbs/01_data.ipynb
 def build_corpus(src, out, workers: int = 0, valid_frac: float = 0.05, seed: int = 0, files_per_shard: int = 1000,
@@ -178,44 +254,49 @@ def build_corpus(src, out, workers: int = 0, valid_frac: float = 0.05, seed: int
     tok = tok or HIDTokenizer()
     if tok.vocab_size > 2**16: raise ValueError(f"vocabulary of {tok.vocab_size} does not fit uint16 shards")
     if not 0 <= shard_index < num_shards: raise ValueError(f"--shard_index {shard_index} not in [0, {num_shards})")
+    if files_per_shard < 1: raise ValueError(f"--files_per_shard {files_per_shard}: must be at least 1")
+    if not 0 <= valid_frac < 1: raise ValueError(f"--valid_frac {valid_frac} not in [0, 1)")
     if (out/'tokenizer.json').exists() and HIDTokenizer.load(out).config != tok.config:
         raise ValueError(f"{out}: holds shards made with another tokenizer config; use a new folder")
     files = find_midi(src)
     base = src if src.is_dir() else src.parent
     rels = [f.relative_to(base).as_posix() for f in files]
     chunks = [range(i, min(i + files_per_shard, len(files))) for i in range(0, len(files), files_per_shard)]
+    names = [f'shard-{j:05d}' for j in range(len(chunks))]
+    mine = lambda j: j % num_shards == shard_index
     (out/'shards').mkdir(parents=True, exist_ok=True)
-    for stale in (out/'shards').glob('shard-*.tmp-*'): shutil.rmtree(stale, ignore_errors=True)   # an interrupted write
-    todo, reused = [], 0
+    run = dict(built=0, reused=0, removed=0, skipped=[])
+    for p in sorted((out/'shards').iterdir()):
+        j, tmp = _shard_number(p.name), '.tmp-' in p.name
+        if j is not None and (j >= len(chunks) or tmp and mine(j)):   # an earlier build's shard past our last, or our interrupted write
+            shutil.rmtree(p, ignore_errors=True); run['removed'] += not tmp
+    current, todo = set(), []
     for j, chunk in enumerate(chunks):
-        if j % num_shards != shard_index: continue
-        fp = _shard_fingerprint(tok, [files[i] for i in chunk], [rels[i] for i in chunk])
-        man = out/'shards'/f'shard-{j:05d}'/'manifest.json'
-        if man.exists() and json.loads(man.read_text()).get('fingerprint') == fp: reused += 1
-        else: todo.append((j, chunk, fp))
-    run = dict(built=0, reused=reused, skipped=[])
+        plan = _plan_fingerprint(tok, [rels[i] for i in chunk])
+        if _shard_is_current(out/'shards'/names[j], plan, [files[i] for i in chunk], refresh=mine(j)): current.add(j); run['reused'] += mine(j)
+        elif mine(j): todo.append((j, chunk, plan))
     pool = multiprocessing.get_context('fork').Pool(workers, _init_worker, (tok.config.__dict__,)) if workers > 0 and todo else None
     if pool is None: _init_worker(tok.config.__dict__)
     try:
         bar = tqdm(total=sum(len(c) for _, c, _ in todo), unit='file', desc='tokenizing', disable=not progress)
-        for j, chunk, fp in todo:
+        for j, chunk, plan in todo:
             tasks = [(files[i], rels[i]) for i in chunk]
             results = pool.imap(_encode_task, tasks, chunksize=4) if pool else map(_encode_task, tasks)
-            pieces, names, skipped, losses = [], [], [], {}
-            for rel, res, reason in results:
+            pieces, kept, skipped, losses, sources = [], [], [], {}, []
+            for rel, res, reason, source in results:
+                sources.append(source)
                 if res is None: skipped.append([rel, reason])
                 else:
-                    pieces.append(res); names.append(rel)
+                    pieces.append(res); kept.append(rel)
                     if res[1]['losses']: losses[rel] = res[1]['losses']
                 bar.update(1)
-            write_shard(out/'shards'/f'shard-{j:05d}', pieces,
-                        dict(format=FORMAT_VERSION, fingerprint=fp, files=[rels[i] for i in chunk], pieces=names, skipped=skipped,
-                             losses=losses))
-            run['built'] += 1; run['skipped'] += skipped
+            write_shard(out/'shards'/names[j], pieces, dict(format=FORMAT_VERSION, plan=plan, files=[rels[i] for i in chunk],
+                                                            sources=sources, pieces=kept, skipped=skipped, losses=losses))
+            current.add(j); run['built'] += 1; run['skipped'] += skipped
         bar.close()
     finally:
         if pool is not None: pool.close(); pool.join()
-    meta = write_meta(out, tok, seed, valid_frac, expected_shards=len(chunks), src=src)
+    meta = write_meta(out, tok, seed, valid_frac, len(chunks), src, [names[j] for j in sorted(current)], files_per_shard)
     return dict(meta, run=run)
 
 # %% ../nbs/01_data.ipynb
@@ -270,16 +351,26 @@ def transpose_ids(tok: HIDTokenizer, ids: np.ndarray, semitones: int, meta: dict
 
 # %% ../nbs/01_data.ipynb
 class ShardDataset(torch.utils.data.Dataset):
-    "Pieces of a `build_corpus` folder through memory maps; `ds[i]` one piece, `ds[(seed, epoch, pieces)]` a packed row."
+    """Pieces of a complete `build_corpus` folder through memory maps; `ds[i]` one piece, `ds[(seed, epoch, pieces)]` a packed row.
+    Raises `FileNotFoundError` without `meta.json` or with a listed shard gone, `ValueError` for another shard format or an
+    incomplete build (the message gives the command that finishes it)."""
     def __init__(self, root, split: str = 'train', max_seq_len: int = 8192, transpose: int = 0, max_open_shards: int = 16):
         self.root = Path(root)
         if not (self.root/'meta.json').exists(): raise FileNotFoundError(f"{self.root}: no meta.json (make one with python -m meloformer.data SRC OUT)")
-        self.meta = json.loads((self.root/'meta.json').read_text())
-        if self.meta['format'] != FORMAT_VERSION: raise ValueError(f"{self.root}: shard format {self.meta['format']}, this version reads {FORMAT_VERSION}")
+        self.meta = m = json.loads((self.root/'meta.json').read_text())
+        if m['format'] != FORMAT_VERSION:
+            raise ValueError(f"{self.root}: shard format {m['format']}, this version reads {FORMAT_VERSION}; rebuild it: {_build_command(m, self.root)}")
+        if not m['complete']:
+            gone = ', '.join(m['missing'][:3]) + (f" and {len(m['missing']) - 3} more" if len(m['missing']) > 3 else '')
+            raise ValueError(f"{self.root}: incomplete build, {len(m['shards'])} of {m['expected_shards']} shards (missing {gone}); "
+                             f"copy in the shards built elsewhere, then finish it with `{_build_command(m, self.root)}` (builds what is still missing)")
+        for n in m['shards']:
+            if not (self.root/'shards'/n/'table.npy').exists():
+                raise FileNotFoundError(f"{self.root/'shards'/n}: listed in meta.json but missing; rebuild it with `{_build_command(m, self.root)}`")
         if split not in ('train', 'valid', 'all'): raise ValueError(f"split {split!r}: use 'train', 'valid' or 'all'")
         self.tok = HIDTokenizer.load(self.root)
         self.split, self.max_seq_len, self.transpose, self.max_open_shards = split, max_seq_len, transpose, max_open_shards
-        self.shard_names = self.meta['shards']
+        self.shard_names = m['shards']
         shard, table, hashes = _load_tables(self.root, self.shard_names)
         keep = _first_occurrence(hashes)
         if split != 'all': keep &= _split_valid(hashes, self.meta['seed'], self.meta['valid_frac']) == (split == 'valid')
@@ -345,7 +436,7 @@ def prepare_demo(cache_dir=None, progress: bool = False) -> Path:
     target = Path(cache_dir) if cache_dir else cache_root()/'demo'
     files = find_midi(demo_midi_dir())
     if not files: raise FileNotFoundError(f"{demo_midi_dir()}: the demo corpus is missing from this installation")
-    fp = _fingerprint(FORMAT_VERSION, TokenizerConfig().__dict__, [(f.name, f.stat().st_size) for f in files])
+    fp = _fingerprint(FORMAT_VERSION, TokenizerConfig().__dict__, [(f.name, _sha1_of(f)) for f in files])   # 349 files: ~10 ms
     if _read_fingerprint(target) == fp: return target
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     if tmp.exists(): shutil.rmtree(tmp)
@@ -472,9 +563,9 @@ def data_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m meloformer.data', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Tokenize a folder of MIDI files into memory-mapped shards for training (resumable).")
     p.add_argument('src', help="folder searched recursively for .mid/.midi files (or one file)")
-    p.add_argument('out', help="output folder: shards/, meta.json, skipped.tsv, losses.jsonl, tokenizer.json")
+    p.add_argument('out', help="output folder: shards/, meta.json, skipped.jsonl, losses.jsonl, tokenizer.json")
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes (0: in this process)")
-    p.add_argument('--valid_frac', type=float, default=0.05, help="fraction of pieces in the validation split (by content hash)")
+    p.add_argument('--valid_frac', type=float, default=0.05, help="fraction of pieces in the validation split (by content hash; at least one piece when there are two or more, unless 0)")
     p.add_argument('--seed', type=int, default=0, help="seed of the train/valid split")
     p.add_argument('--files_per_shard', type=int, default=1000, help="files per shard (the unit of resume and of --num_shards)")
     p.add_argument('--num_shards', type=int, default=1, help="split the shards between this many machines ...")
@@ -482,31 +573,38 @@ def data_parser() -> argparse.ArgumentParser:
     p.add_argument('--no_progress', action='store_true', help="no progress bar")
     return p
 
+def _printable(name: str) -> str:
+    "`name` on one line: control characters (and undecodable bytes) escaped as Python writes them."
+    return ''.join(c if c.isprintable() else c.encode('unicode_escape', 'backslashreplace').decode('ascii') for c in name)
+
 def print_losses(losses: dict, file=None):
     "The corpus loss report of `corpus_losses`: per kind, count and files; then the most affected files."
     if not losses['total']: print("losses: none (every note, meter and tempo kept at grid resolution)", file=file); return
     print("losses (kind: count in files - what it is):", file=file)
     for k, n in losses['total'].items(): print(f"  {k}: {n} in {losses['files'][k]} file(s) - {LOSS_KINDS[k]}", file=file)
-    print("most affected: " + "; ".join(f"{f} ({', '.join(f'{k} {n}' for k, n in c.items())})" for f, c in losses['most_affected']), file=file)
+    print("most affected: " + "; ".join(f"{_printable(f)} ({', '.join(f'{k} {n}' for k, n in c.items())})" for f, c in losses['most_affected']), file=file)
 
 def main(argv=None) -> int:
     args = data_parser().parse_args(argv)
-    if not 0 <= args.valid_frac < 1: print(f"error: --valid_frac {args.valid_frac} not in [0, 1)", file=sys.stderr); return 2
-    if args.files_per_shard < 1: print("error: --files_per_shard must be at least 1", file=sys.stderr); return 2
     try:
         res = build_corpus(args.src, args.out, args.workers, args.valid_frac, args.seed, args.files_per_shard,
                            args.num_shards, args.shard_index, progress=not args.no_progress)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
-    skipped = [l.split('\t', 1) for l in (Path(args.out)/'skipped.tsv').read_text().splitlines()[1:]]
-    for f, reason in skipped: print(f"skipped {f}: {reason}", file=sys.stderr)
-    c = res['counts']
+    for f, reason in res['skipped_files']: print(f"skipped {_printable(f)}: {reason}", file=sys.stderr)
+    c, n_pieces = res['counts'], res['counts']['train']['pieces'] + res['counts']['valid']['pieces']
     for split in ('train', 'valid'):
         print(f"{split}: {c[split]['pieces']} pieces, {c[split]['tokens']} tokens, {c[split]['segments']} segments")
+    if n_pieces and not c['valid']['pieces']:
+        print(f"no validation piece: {'--valid_frac 0' if args.valid_frac == 0 else 'one distinct piece, nothing to hold out'}")
+    removed = f", {res['run']['removed']} of an earlier build removed" if res['run']['removed'] else ''
     print(f"{res['files']} files: {res['files'] - res['skipped']} tokenized, {res['skipped']} skipped, {res['duplicates']} duplicates; "
-          f"shards {res['run']['built']} built, {res['run']['reused']} reused, {len(res['shards'])}/{res['expected_shards']} present -> {args.out}")
+          f"shards {res['run']['built']} built, {res['run']['reused']} reused{removed}, {len(res['shards'])}/{res['expected_shards']} present -> {args.out}")
     print_losses(res['losses'])
-    if c['train']['pieces'] + c['valid']['pieces'] == 0: print("error: no file could be processed", file=sys.stderr); return 1
+    if not res['complete']:
+        print(f"incomplete: {len(res['missing'])} shard(s) missing ({', '.join(res['missing'][:3])}{' ...' if len(res['missing']) > 3 else ''}); "
+              f"build them with the other --shard_index values, copy them in, then finish with `{_build_command(res, args.out)}`", file=sys.stderr)
+    if n_pieces == 0: print("error: no file could be processed", file=sys.stderr); return 1
     return 0
 
 # %% ../nbs/01_data.ipynb
