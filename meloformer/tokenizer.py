@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_tokenizer.ipynb 3
 from __future__ import annotations
-import argparse, dataclasses, gc, importlib.resources, io, json, os, struct, sys
+import argparse, dataclasses, gc, importlib.resources, io, json, os, re, struct, sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +13,11 @@ import miditoolkit
 import symusic
 
 # %% auto 0
-__all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'META_KEYS', 'LOSS_KINDS', 'demo_midi_dir', 'sample_midi_dir',
-           'write_edge_midi', 'write_sample_midi', 'sample_midi', 'MidiReadError', 'TokenizerConfig', 'Track', 'Piece',
-           'read_piece', 'bar_grid', 'chords_per_bar', 'pitch_class_weight', 'track_class', 'velocity_bin',
-           'velocity_of_bin', 'tempo_bin', 'Layout', 'AnnotationState', 'HIDTokenizer', 'report_losses', 'fuzz_encode',
-           'seconds_at', 'bar_lines', 'round_trip_fidelity', 'tokenizer_parser', 'main']
+__all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'BAR_CHANGES', 'META_KEYS', 'LOSS_KINDS', 'demo_midi_dir',
+           'sample_midi_dir', 'write_edge_midi', 'write_sample_midi', 'sample_midi', 'MidiReadError', 'TokenizerConfig',
+           'Track', 'Piece', 'read_piece', 'bar_grid', 'chords_per_bar', 'pitch_class_weight', 'track_class',
+           'velocity_bin', 'velocity_of_bin', 'tempo_bin', 'Layout', 'AnnotationState', 'HIDTokenizer', 'report_losses',
+           'fuzz_encode', 'seconds_at', 'bar_lines', 'round_trip_fidelity', 'tokenizer_parser', 'main']
 
 # %% ../nbs/00_tokenizer.ipynb
 def demo_midi_dir() -> Path:
@@ -30,20 +30,22 @@ def _repo_root() -> Path | None:
     for start in starts:
         for folder in (start, *start.parents):
             ini = folder/'settings.ini'
-            if ini.is_file() and 'lib_name = meloformer' in ini.read_text(errors='replace'): return folder
+            if ini.is_file() and re.search(r'^lib_name\s*=\s*meloformer\s*$', ini.read_text(errors='replace'), re.M): return folder
     return None
 
 def sample_midi_dir() -> Path | None:
     """The folder of extra real test MIDI (`multitrack/`, `one_track/`, `edge/`, `bad/`), or None where there is none.
 
-    `$MELOFORMER_MIDI` when set (a path that is not a folder raises `FileNotFoundError`); else `shared/midi` beside the
+    `$MELOFORMER_MIDI` when set (relative: from the checkout if it is there, else from the current folder; a path that
+    is not a folder raises `FileNotFoundError`); else `shared/midi` beside the
     repository checkout, i.e. `<checkout>/../shared/midi`, where the checkout is the folder with MeloFormer's `settings.ini`
     that holds the current folder or, for an editable install, this module. Tests never need it: `sample_midi` falls back
     to the demo corpus and the files `write_sample_midi` makes."""
     if os.environ.get('MELOFORMER_MIDI'):
-        folder = Path(os.environ['MELOFORMER_MIDI'])
-        if not folder.is_dir(): raise FileNotFoundError(f"$MELOFORMER_MIDI={folder}: not a folder")
-        return folder
+        folder, root = Path(os.environ['MELOFORMER_MIDI']).expanduser(), _repo_root()
+        if not folder.is_absolute() and root is not None and (root/folder).is_dir(): folder = root/folder
+        if not folder.is_dir(): raise FileNotFoundError(f"$MELOFORMER_MIDI={os.environ['MELOFORMER_MIDI']}: not a folder")
+        return folder.resolve()
     root = _repo_root()
     folder = root.parent/'shared'/'midi' if root else None
     return folder if folder is not None and folder.is_dir() else None
@@ -324,21 +326,30 @@ def _supported_ts(cfg: TokenizerConfig, num: int, den: int) -> tuple[int, int]:
     if (num, den) in table: return num, den
     return min(table, key=lambda t: (abs(t[0] * 4 / t[1] - num * 4 / max(den, 1)), t[1] != den))
 
-def _ts_of_steps(cfg: TokenizerConfig, steps: int) -> tuple[int, int]:
-    "The plainest time signature of the vocabulary whose bar is `steps` grid steps long (quarters, else eighths, ...)."
+def _ts_of_steps(cfg: TokenizerConfig, steps: int, table) -> tuple[int, int] | None:
+    "The plainest time signature of `table` whose bar is exactly `steps` grid steps long (quarters, else eighths, ...), or None."
     for den in (4, 8, 16, 2, 1):
-        if (steps * den) % (4 * cfg.steps_per_quarter) == 0 and (steps * den // (4 * cfg.steps_per_quarter), den) in cfg.time_signatures():
-            return steps * den // (4 * cfg.steps_per_quarter), den
-    return _supported_ts(cfg, steps, 4 * cfg.steps_per_quarter)
+        num, rest = divmod(steps * den, 4 * cfg.steps_per_quarter)
+        if not rest and (num, den) in table: return num, den
+    return None
 
-def _meter_bars(cfg: TokenizerConfig, num: int, den: int) -> list[tuple[int, int]]:
-    "The bars one bar of num/den becomes: itself if the vocabulary has it, else equal parts of at most `max_bar_quarters`."
-    if (num, den) in cfg.time_signatures(): return [(num, den)]
+def _meter_bars(cfg: TokenizerConfig, num: int, den: int, table) -> tuple[list[tuple[int, int]], str | None]:
+    """The bars one bar of num/den becomes, and how: `None` (as it is, or the same length under another name), `'split'`
+    (longer than `max_bar_quarters`: near-equal bars that fit, 9/2 -> 9/4 + 9/4, 67/16 -> 34/16 + 33/16), `'replaced'` (no
+    bar of that length fits the grid and the vocabulary: the closest meter)."""
+    if (num, den) in table: return [(num, den)], None
     steps = num * 4 * cfg.steps_per_quarter / max(den, 1)
-    if steps != int(steps) or steps <= cfg.max_bar_steps(): return [_supported_ts(cfg, num, den)]
-    k = -(-int(steps) // cfg.max_bar_steps())
-    while int(steps) % k: k += 1
-    return [_ts_of_steps(cfg, int(steps) // k)] * k
+    if steps == int(steps):
+        steps = int(steps)
+        if steps > cfg.max_bar_steps():
+            k = -(-steps // cfg.max_bar_steps())
+            base, extra = divmod(steps, k)
+            parts = [_ts_of_steps(cfg, base + 1, table)] * extra + [_ts_of_steps(cfg, base, table)] * (k - extra)
+            if None not in parts: return parts, 'split'
+        elif (same := _ts_of_steps(cfg, steps, table)) is not None: return [same], None
+    return [_supported_ts(cfg, num, den)], 'replaced'
+
+BAR_CHANGES = ('bars_shortened', 'meters_split', 'meters_replaced', 'meters_moved', 'meter_events_merged')
 
 def bar_grid(cfg: TokenizerConfig, ts_changes: list[tuple[int, int, int]], n_steps: int, max_bars: int | None = None,
              report: dict | None = None):
@@ -346,31 +357,39 @@ def bar_grid(cfg: TokenizerConfig, ts_changes: list[tuple[int, int, int]], n_ste
 
     A meter change starts a new bar where it falls; a bar it falls inside is shortened to end there, written with the
     plainest meter of that length (pretty-midi's and supriya's convention: a change two beats into a 4/4 bar makes a 2/4
-    bar). A meter longer than `max_bar_quarters` becomes equal bars that fit (9/2 -> two bars of 9/4). Counts of both go
-    into `report` (`bars_shortened`, `meters_split`) when it is given. 4/4 before the first change."""
+    bar). A meter longer than `max_bar_quarters` becomes near-equal bars that fit (9/2 -> two bars of 9/4); one no bar of
+    the grid can hold becomes the closest meter; a shortened bar no meter can write (on a grid other than 16ths) moves the
+    change to the bar's end. 4/4 before the first change. When `report` is given, it gets the count of each of
+    `BAR_CHANGES` over the bars made (several meter events at one step: the last wins, the others are merged)."""
     changes = sorted(((int(s), int(n), int(d)) for s, n, d in ts_changes if n > 0 and d > 0), key=lambda c: c[0])
-    max_bars = max_bars or cfg.max_bars
-    starts, sigs, bar_start, k, queue, shortened, split = [], [], 0, 0, [], 0, 0
+    max_bars, table = max_bars or cfg.max_bars, frozenset(cfg.time_signatures())
+    starts, sigs, bar_start, k, queue, how = [], [], 0, 0, [], None
+    counts = dict.fromkeys(BAR_CHANGES, 0)
     meter = (4, 4)
     while (bar_start < n_steps or not starts) and len(starts) < max_bars:
         if k < len(changes) and changes[k][0] <= bar_start:
+            first = k
             while k < len(changes) and changes[k][0] <= bar_start: meter = changes[k][1:]; k += 1    # the last at a step wins
+            counts['meter_events_merged'] += k - first - 1
             queue = []
         if not queue:
-            queue = _meter_bars(cfg, *meter); split_meter = len(queue) > 1; split += split_meter
+            queue, how = _meter_bars(cfg, *meter, table)
+            if how: counts[f'meters_{how}'] += 1
         sig = queue.pop(0)
         length = cfg.bar_steps(*sig)
-        if k == len(changes) and not queue and bar_start + length < n_steps and not split_meter:   # one meter to the end: all its bars at once
+        if k == len(changes) and not queue and bar_start + length < n_steps and how != 'split':   # one meter to the end: all its bars at once
             n = min(-(-(n_steps - bar_start) // length), max_bars - len(starts))
             starts += range(bar_start, bar_start + n * length, length); sigs += [sig] * n
             bar_start += n * length
+            if how == 'replaced': counts['meters_replaced'] += n - 1
             continue
         if k < len(changes) and changes[k][0] < bar_start + length:        # a change inside this bar ends it there
-            sig, length, queue = _ts_of_steps(cfg, changes[k][0] - bar_start), changes[k][0] - bar_start, []
-            shortened += 1
+            short = _ts_of_steps(cfg, changes[k][0] - bar_start, table)
+            if short is None: counts['meters_moved'] += 1                   # no meter of that length: the change waits for the bar line
+            else: sig, length, queue = short, changes[k][0] - bar_start, []; counts['bars_shortened'] += 1
         starts.append(bar_start); sigs.append(sig)
         bar_start += length
-    if report is not None: report.update(bars_shortened=shortened, meters_split=split)
+    if report is not None: report.update(counts)
     return np.array(starts, np.int64), sigs
 
 # %% ../nbs/00_tokenizer.ipynb
@@ -434,6 +453,8 @@ def _tempo_map(cfg: TokenizerConfig, piece: Piece, bar_starts: np.ndarray, piece
     bpm = piece.tempos[:, 1] if len(piece.tempos) else np.zeros(0)
     report['tempo_events_clamped'] = int(((bpm < cfg.min_bpm * 0.99) | (bpm > cfg.max_bpm * 1.01)).sum())
     after = step >= piece_end
+    exact = piece.tempos[:, 0] * scale if len(piece.tempos) else np.zeros(0)
+    report['tempo_events_moved'] = int(((exact != np.round(exact)) & ~after).sum())     # off the grid: moved to the nearest step
     report['tempo_events_after_end'] = int(after.sum())
     step, bins = step[~after], bins[~after]
     order = np.argsort(step, kind='stable')
@@ -467,17 +488,20 @@ def _layout(cfg: TokenizerConfig, piece: Piece, source='<piece>') -> Layout:
     ts = [(int(s), int(n), int(d)) for s, n, d in zip(_round_half_up(piece.time_signatures[:, 0] * scale),
                                                         piece.time_signatures[:, 1], piece.time_signatures[:, 2]) if n > 0 and d > 0]
     report = dict(source=str(source), notes_in=int(sum(len(t.notes) for t in piece.tracks)), notes_invalid=int((~ok).sum()))
-    bar_starts, bar_ts = bar_grid(cfg, ts, int(onset.max()) + 1, report=report)
-    bar_len = np.array([cfg.bar_steps(*s) for s in bar_ts])
-    inside = onset < bar_starts[-1] + bar_len[-1]
+    bar_starts, bar_ts = bar_grid(cfg, ts, int(onset.max()) + 1)
+    inside = onset < bar_starts[-1] + cfg.bar_steps(*bar_ts[-1])
     if not inside.any():
         raise MidiReadError(source, f"every note starts after bar {len(bar_starts)} (max_bars; the first at quarter "
                                     f"{notes[:, 0].min() / piece.ticks_per_quarter:.0f}): trim the leading silence or raise max_bars")
-    # the piece ends with the bar of its last kept note: nothing after it (a stray note, a late tempo or meter event) adds bars
-    n_bars = int(np.searchsorted(bar_starts, onset[inside].max(), side='right'))
-    bar_starts, bar_ts, bar_len = bar_starts[:n_bars], bar_ts[:n_bars], bar_len[:n_bars]
+    # the piece ends with the bar of its last kept note: nothing after it (a stray note, a late tempo or meter event) adds
+    # bars; the grid is made again up to there, so that its report counts only the bars kept
+    bar_starts, bar_ts = bar_grid(cfg, ts, int(onset[inside].max()) + 1, report=report)
+    bar_len = np.array([cfg.bar_steps(*s) for s in bar_ts])
     piece_end = int(bar_starts[-1] + bar_len[-1])
+    ts_steps = piece.time_signatures[:, 0] * scale
+    report['meter_events_moved'] = int(((ts_steps != np.round(ts_steps)) & (ts_steps < piece_end)).sum())
     report.update(notes_after_max_bars=int((~inside).sum()), durations_clipped=int((dur_raw[inside] > cfg.max_duration_steps).sum()),
+                  notes_zero_length=int((notes[inside, 1] <= 0).sum()),
                   meter_events_after_end=sum(s >= piece_end for s, _, _ in ts))
     onset, dur_raw, notes, track = onset[inside], dur_raw[inside], notes[inside], track[inside]
 
@@ -771,11 +795,17 @@ LOSS_KINDS = {
     'notes_after_max_bars': "notes after max_bars, dropped",
     'durations_clipped': "durations longer than max_duration_steps, clipped",
     'tracks_dropped': "tracks beyond max_tracks (those with fewest notes), dropped",
+    'notes_zero_length': "notes of zero duration, lengthened to one grid step",
     'bars_shortened': "bars cut short by a meter event inside them",
-    'meters_split': "bars of a meter longer than max_bar_quarters, split",
+    'meters_split': "bars of a meter longer than max_bar_quarters, split into bars that fit",
+    'meters_replaced': "bars of a meter no bar of the grid can hold, written in the closest meter",
+    'meters_moved': "meter events inside a bar that no meter can shorten to, moved to its end",
+    'meter_events_merged': "meter events on one grid step, the last kept",
+    'meter_events_moved': "meter events off the grid, moved to the nearest step",
     'meter_events_after_end': "meter events after the last note's bar, ignored",
     'tempo_events_after_end': "tempo events after the last note's bar, ignored",
     'tempo_events_merged': "tempo events on one grid step or within one tempo bin, merged",
+    'tempo_events_moved': "tempo events off the grid, moved to the nearest step",
     'tempo_events_clamped': "tempos outside min_bpm..max_bpm, clamped",
 }
 
