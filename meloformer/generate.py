@@ -106,17 +106,28 @@ class IncrementalDecoder:
         self.device = device or model.tok_emb.weight.device
         self.cache = DecodeCache(model, batch_size, max_len, max_segments or max_len, self.device)
         self.states = [tok.annotation_state() for _ in range(batch_size)]
-        self.last = [(-1, -1, -1, -1)] * batch_size     # (seg, position, bar, track) of each row's previous token
+        self.last = [(-1, -1, -1, -1)] * batch_size     # (slot, position, bar, track) of each row's previous token
+        self.last_seg = [-1] * batch_size               # annotated segment of each row's previous token
+        self.n_slots = [0] * batch_size                 # segments numbered so far in each row
 
     @property
     def length(self) -> int: return self.cache.length
 
+    def _slot(self, b: int, seg: int) -> int:
+        "The model's segment number (`segment_slots`) of a token annotated `seg` in row b: a new one where seg changes."
+        if seg >= 0 and seg != self.last_seg[b]: self.n_slots[b] += 1
+        self.last_seg[b] = seg
+        return self.n_slots[b] - 1 if seg >= 0 else -1
+
     def feed(self, ids) -> torch.Tensor:
-        "Append ids (B, T) and return their logits (B, T, V)."
+        """Append ids (B, T) and return their logits (B, T, V): the full forward's, within float32 rounding, for any ids of
+        the vocabulary (segments are numbered as the model numbers them, so a `PAD`/`BOS`/`EOS` inside a bar splits it there too)."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(self.cache.B, -1)
         B, T = ids.shape
         start = self.cache.length
         rows = [[st.step(i) for i in row] for st, row in zip(self.states, ids.tolist())]
+        for b, row in enumerate(rows):
+            for r in row: r['seg'] = self._slot(b, r['seg'])
         meta = {k: torch.tensor([[r[k] for r in row] for row in rows], dtype=torch.long, device=self.device) for k in META_KEYS}
         # a token whose segment differs from its predecessor's closes that segment (segments are contiguous runs)
         closed = [[] for _ in range(B)]
@@ -176,6 +187,14 @@ class Grammar:
         # fixed tokens of each planned track besides its sampled bars: header, SEP, prompt minus the prompt's bar tokens
         self.prompt_bars = [int(self.masks['chord'][tp.prompt].sum()) for tp in self.plan.tracks or []]
         self.track_extra = [2 + len(tp.prompt) - nb for tp, nb in zip(self.plan.tracks or [], self.prompt_bars)]
+        if max_len < self.min_len(): raise ValueError(f"max_len {max_len} cannot hold the plan: it needs at least {self.min_len()} tokens")
+
+    def min_len(self) -> int:
+        "Tokens of the shortest piece the plan allows: header, every track's header, SEP, prompt and bar tokens, EOS."
+        p = self.plan
+        if p.tracks is None: return 3 + 3 + (p.n_bars or 1)            # BOS TS BPM, one track (#X SEP bars), EOS
+        n_bars = p.n_bars or max([1, *self.prompt_bars])
+        return 3 + sum(self.track_extra) + n_bars * len(p.tracks) + 1
 
     def state(self) -> 'GrammarState': return GrammarState(self)
 
@@ -246,8 +265,9 @@ class GrammarState:
         if self._track_done():
             if self._more_tracks():
                 tracks = g.plan.tracks
-                if tracks is None: out |= m['program']
-                else: out[tracks[self.track + 1].program] = True
+                # an open plan starts a track only with room for it: header, SEP, n_bars bar tokens and EOS
+                if tracks is None and left >= 3 + n_bars: out |= m['program']
+                elif tracks is not None: out[tracks[self.track + 1].program] = True
             if g.plan.tracks is None or not self._more_tracks(): out[g.eos] = True
         return out
 
@@ -382,7 +402,11 @@ def default_max_len(plan: Plan, tok: HIDTokenizer, max_bar_notes: int = 32) -> i
 def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num_samples: int = 1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, max_len: int | None = None, max_bar_notes: int | None = 32,
              progress: bool = False) -> tuple[list, dict]:
-    "Sample `num_samples` id streams that follow the grammar and `plan`, with cached decoding; returns (ids list, stats)."
+    """Sample `num_samples` id streams that follow the grammar and `plan`, with cached decoding: (list of int64 arrays, stats).
+    Stats: `prefix_tokens` (per sample, fed as one chunk), `fixed_tokens` (all samples: tokens the grammar left no choice
+    in: the plan's header and prompt bars, `SEP`s, a track header, bar or `EOS` where nothing else may come), `sampled_tokens`
+    (all samples: drawn from the model among several allowed), `seconds`, `prefill_s` and `tokens_per_s` (sampled tokens
+    per second of the whole call). Raises `ValueError` when `max_len` cannot hold the shortest piece of the plan."""
     from tqdm.auto import tqdm
     plan = plan or Plan()
     max_len = max_len or default_max_len(plan, tok, max_bar_notes or 32)
@@ -400,8 +424,10 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     logits = dec.feed(torch.tensor(prefix)[None].expand(num_samples, -1))[:, -1]
     t_prefill = time.perf_counter() - t0
     bar = tqdm(total=max_len - len(prefix), disable=not progress, desc='generating', unit='tok')
+    sampled = torch.zeros(num_samples, dtype=torch.long)     # per row: tokens drawn among several allowed
     while True:
         allowed = torch.stack([st.allowed() for st in states])
+        sampled += (allowed.sum(-1) > 1) & torch.tensor([not st.done for st in states])
         nxt = sample_next(logits, allowed.to(logits.device), temperature, top_k, top_p, gen).cpu()
         for st, o, i in zip(states, out, nxt.tolist()):
             if not st.done: o.append(i); st.step(i)
@@ -410,9 +436,10 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
         logits = dec.feed(nxt[:, None].to(dec.device))[:, -1]
     bar.close()
     seconds = time.perf_counter() - t0
-    n_new = sum(len(o) - len(prefix) for o in out)
-    return [np.array(o, np.int64) for o in out], dict(prompt_tokens=len(prefix), new_tokens=n_new, seconds=seconds,
-                                                      prefill_s=t_prefill, tokens_per_s=n_new / max(seconds, 1e-9))
+    n_sampled = int(sampled.sum())
+    return [np.array(o, np.int64) for o in out], dict(
+        prefix_tokens=len(prefix), fixed_tokens=sum(map(len, out)) - n_sampled, sampled_tokens=n_sampled,
+        seconds=seconds, prefill_s=t_prefill, tokens_per_s=n_sampled / max(seconds, 1e-9))
 
 # %% ../nbs/07_generate.ipynb
 def bars_per_track(tok: HIDTokenizer, ids) -> list:
@@ -521,8 +548,8 @@ def main(argv=None) -> int:
         midi.dump(str(path))
         piano_roll(midi, path.with_suffix('.png'), title=f'{path.name}: {len(x)} tokens, bars per track {bars_per_track(tok, x)}')
         print(f"wrote {path} and {path.with_suffix('.png').name}: {len(x)} tokens, {sum(len(i.notes) for i in midi.instruments)} notes")
-    print(f"{stats['new_tokens']} tokens in {stats['seconds']:.1f}s: {stats['tokens_per_s']:.0f} tokens/s "
-          f"({len(ids)} samples, prompt {stats['prompt_tokens']} tokens)")
+    print(f"{stats['sampled_tokens']} tokens sampled in {stats['seconds']:.1f}s: {stats['tokens_per_s']:.0f} tokens/s "
+          f"({len(ids)} samples; {stats['fixed_tokens']} tokens fixed by the prompt and the grammar, not counted)")
     return 0
 
 # %% ../nbs/07_generate.ipynb

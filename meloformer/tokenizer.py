@@ -596,9 +596,25 @@ def _last_per_key(keys, values) -> dict:
     "{key: value} keeping the last value given for each key."
     return dict(zip(np.asarray(keys).tolist(), np.asarray(values).tolist()))
 
+def _decode_ids(ids, vocab_size: int) -> np.ndarray:
+    "ids as a 1-D int64 array; `ValueError` for a batch (not 1-D), a value that is not an integer or does not fit in int64."
+    try: a = np.asarray(ids)
+    except ValueError as e: raise ValueError(f"decode takes one sequence of integer ids: {e}") from None
+    if a.ndim == 0: raise ValueError(f"decode takes a sequence of ids, not the single value {a.item()!r}")
+    if a.ndim != 1: raise ValueError(f"decode takes one sequence of ids (1-D), not an array of shape {a.shape}: decode each row of a batch")
+    if a.size == 0: return np.zeros(0, np.int64)
+    if a.dtype.kind == 'u' and int(a.max()) > np.iinfo(np.int64).max or a.dtype == object:
+        # numpy keeps ints beyond int64 as Python objects (or uint64): name the first one
+        for k, v in enumerate(a.tolist()):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise ValueError(f"decode: id at position {k} is {type(v).__name__} {v!r}, not an integer")
+            if not -2**63 <= v < 2**63: raise ValueError(f"decode: id {v} at position {k} does not fit in int64 (the vocabulary is 0..{vocab_size - 1})")
+    elif a.dtype.kind not in 'iu': raise ValueError(f"decode: ids must be integers, not {a.dtype}")
+    return a.astype(np.int64)
+
 def _decode(tok, ids) -> miditoolkit.MidiFile:
     cfg, r = tok.config, tok.ranges
-    ids = np.asarray(ids, np.int64).reshape(-1)
+    ids = _decode_ids(ids, tok.vocab_size)
     ids = ids[(ids >= 0) & (ids < tok.vocab_size)]
     eos = np.flatnonzero(ids == tok.eos_id)
     ids = ids[:eos[0]] if len(eos) else ids
@@ -757,7 +773,8 @@ class HIDTokenizer:
         return self.encode_with_report(src, reader)[0]
 
     def decode(self, ids) -> miditoolkit.MidiFile:
-        "A `miditoolkit.MidiFile` from ids; tokens out of grammar are skipped, never an error."
+        """A `miditoolkit.MidiFile` from ids, one sequence (1-D) of integers: tokens out of grammar or out of the vocabulary
+        are skipped, never an error. `ValueError` for a batch (2-D), a scalar, a non-integer or an id beyond int64."""
         return _decode(self, ids)
 
     def annotate(self, ids) -> dict[str, np.ndarray]:
