@@ -96,12 +96,18 @@ class Block(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ln_attn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ln_sum = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)     # before the summaries' second K/V
+        # before the summaries' second K/V; without summaries (`dense`) there is none: DDP refuses unused parameters
+        self.ln_sum = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.mask.summaries else None
         self.ln_ffn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = SummaryAttention(cfg.d_model, cfg.n_head, summaries=cfg.mask.summaries)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
     def _ffn(self, x): return x + self.ffn(self.ln_ffn(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # 0.1 gave `dense` an ln_sum that never received a gradient (still all ones): nothing to load
+        if self.ln_sum is None: state_dict.pop(prefix + 'ln_sum.weight', None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x, s, masks: AttnMasks, rope, rope_s):
         "x (B, L, d) regular tokens, s (B, S, d) summaries or None -> updated x, s."
