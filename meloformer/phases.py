@@ -20,10 +20,14 @@ class Phase:
     batch_size: int
     num_workers: int = 0
     grad_accum: int = 1
-    max_seq_len: int | None = None   # None: the run's --max_seq_len
+    max_seq_len: int | None = None   # tokens per row in this phase; None: the run's --max_seq_len
 
     @property
     def rows_per_step(self) -> int: return self.batch_size * self.grad_accum
+
+    def seq_len(self, default: int) -> int:
+        "Tokens per row in this phase: its own `max_seq_len`, else `default` (the run's)."
+        return self.max_seq_len or default
 
 # %% ../nbs/04_phases.ipynb
 @dataclass
@@ -37,6 +41,8 @@ class PhaseSchedule:
         if ends != sorted(set(ends)) or (ends and ends[0] < 1): raise ValueError(f"phase ends must increase from 1: {ends}")
         for p in self.phases:
             if p.batch_size < 1 or p.grad_accum < 1 or p.num_workers < 0: raise ValueError(f"phase {p.name!r}: invalid sizes {p}")
+            if p.max_seq_len is not None and (not isinstance(p.max_seq_len, int) or p.max_seq_len < 1):
+                raise ValueError(f"phase {p.name!r}: max_seq_len must be a positive number of tokens, not {p.max_seq_len!r}")
 
     def index_at(self, step: int) -> int:
         "Index of the phase that optimizer step `step` (1-based) belongs to."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb 3
 from __future__ import annotations
-import argparse, contextlib, csv, hashlib, json, math, os, random, sys, time
+import argparse, contextlib, copy, csv, hashlib, io, json, math, os, random, re, shutil, sys, time, uuid
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 # %% auto 0
-__all__ = ['CKPT_PREFIX', 'CPU_DEFAULTS', 'CUDA_DEFAULTS', 'rng_state', 'set_rng_state', 'save_checkpoint', 'list_checkpoints',
-           'load_checkpoint', 'lr_lambda', 'MetricsLog', 'plot_losses', 'TrainConfig', 'resolve_config', 'batch_to',
-           'lm_loss', 'evaluate_loss', 'Dist', 'setup_distributed', 'steps_for_epochs', 'Trainer', 'train',
-           'train_parser', 'main']
+__all__ = ['CKPT_PREFIX', 'CPU_DEFAULTS', 'CUDA_DEFAULTS', 'RUN_FIELDS', 'CADENCE_FIELDS', 'METRIC_FIELDS', 'RUN_FILES',
+           'rng_state', 'set_rng_state', 'list_checkpoints', 'save_checkpoint', 'load_checkpoint', 'lr_lambda',
+           'MetricsLog', 'plot_losses', 'TrainConfig', 'resolve_config', 'run_settings', 'run_fingerprint',
+           'settings_diff', 'batch_to', 'lm_loss', 'evaluate_loss', 'Dist', 'setup_distributed', 'steps_for_epochs',
+           'EpochRest', 'Trainer', 'train', 'train_parser', 'main']
 
 # %% ../nbs/06_train.ipynb
 def rng_state() -> dict:
@@ -38,20 +39,27 @@ def _to_tuple(x):  # torch.save keeps python's random state as nested lists afte
 
 # %% ../nbs/06_train.ipynb
 CKPT_PREFIX = 'ckpt-'
+_CKPT_NAME = re.compile(r'ckpt-(\d+)(?:-([0-9a-f]+))?\.pt')
 
-def save_checkpoint(out_dir, step: int, state: dict, keep: int = 3) -> Path:
-    "Atomically write `state` as `out_dir/ckpt-{step}.pt`; keep the newest `keep`."
+def _ckpt_name(step: int, run_id: str | None) -> str: return f"{CKPT_PREFIX}{step:08d}{'-' + run_id if run_id else ''}.pt"
+
+def list_checkpoints(out_dir, run_id: str | None = ...) -> list[Path]:
+    "Checkpoints in `out_dir` ordered by step, oldest first: every run's by default; with `run_id` only that run's (`None`: those named without a run id)."
+    found = []
+    for p in Path(out_dir).glob(f'{CKPT_PREFIX}*.pt'):
+        m = _CKPT_NAME.fullmatch(p.name)
+        if m and (run_id is ... or m.group(2) == run_id): found.append((int(m.group(1)), p.name, p))
+    return [p for _, _, p in sorted(found)]
+
+def save_checkpoint(out_dir, step: int, state: dict, keep: int = 3, run_id: str | None = None) -> Path:
+    "Atomically write `state` as `out_dir/ckpt-{step:08d}-{run_id}.pt`; keep this run's newest `keep` by step."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    path, tmp = out/f'{CKPT_PREFIX}{step:08d}.pt', out/f'.{CKPT_PREFIX}{step:08d}.pt.tmp'
+    path = out/_ckpt_name(step, run_id); tmp = out/f'.{path.name}.tmp'
     torch.save(state, tmp)
     with open(tmp, 'rb') as f: os.fsync(f.fileno())
     os.replace(tmp, path)
-    for old in list_checkpoints(out)[:-keep] if keep > 0 else []: old.unlink()
+    for old in list_checkpoints(out, run_id)[:-keep] if keep > 0 else []: old.unlink()
     return path
-
-def list_checkpoints(out_dir) -> list[Path]:
-    "Checkpoints in `out_dir`, oldest first."
-    return sorted(Path(out_dir).glob(f'{CKPT_PREFIX}*.pt'))
 
 def load_checkpoint(path) -> dict:
     "A checkpoint written by `save_checkpoint` (weights-only unpickling)."
@@ -70,22 +78,38 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_lr_frac: float = 0.1):
 
 # %% ../nbs/06_train.ipynb
 class MetricsLog:
-    "Append-only CSV of dict rows; `truncate(step)` drops rows past a resumed step."
-    def __init__(self, path):
-        self.path, self.rows = Path(path), []
-        if self.path.exists():
-            with open(self.path) as f: self.rows = list(csv.DictReader(f))
-    def truncate(self, step: int):
-        self.rows = [r for r in self.rows if int(r['step']) <= step]; self._rewrite()
+    "CSV of dict rows: `log` appends one line; `truncate(step)` drops rows past a resumed step."
+    def __init__(self, path, fields: list[str] | None = None):
+        self.path, self.rows, self.fields = Path(path), [], []
+        text = self.path.read_text() if self.path.exists() else ''
+        cut = bool(text) and not text.endswith('\n')
+        if cut: text = text[:text.rfind('\n') + 1]                       # the last line was cut short by a kill
+        if text:
+            reader = csv.DictReader(io.StringIO(text))
+            self.rows, self.fields = list(reader), list(reader.fieldnames or [])
+        for k in fields or []:
+            if k not in self.fields: self.fields.append(k); cut = True
+        if cut or not self.path.exists(): self._rewrite()
+
     def log(self, **row):
-        self.rows.append({k: v for k, v in row.items()}); self._rewrite()
+        "Append one row (a new column rewrites the file once, with the wider header)."
+        self.rows.append(row)
+        if any(k not in self.fields for k in row):
+            self.fields += [k for k in row if k not in self.fields]; self._rewrite(); return
+        line = io.StringIO(); csv.DictWriter(line, self.fields).writerow(row)
+        with open(self.path, 'a', newline='') as f: f.write(line.getvalue())
+
+    def truncate(self, step: int):
+        "Keep the rows of steps <= `step` (`-1`: none)."
+        self.rows = [r for r in self.rows if int(r['step']) <= step]; self._rewrite()
+
     def _rewrite(self):
-        keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.path.with_suffix('.tmp')
+        tmp = self.path.with_name(f'.{self.path.name}.tmp')
         with open(tmp, 'w', newline='') as f:
-            w = csv.DictWriter(f, keys); w.writeheader(); w.writerows(self.rows)
+            w = csv.DictWriter(f, self.fields); w.writeheader(); w.writerows(self.rows)
         os.replace(tmp, self.path)
 
+# %% ../nbs/06_train.ipynb
 def plot_losses(metrics_csv, path=None, ax=None):
     "Train loss (and its running mean) and validation loss against step."
     import pandas as pd, matplotlib.pyplot as plt
@@ -130,7 +154,9 @@ class TrainConfig:
     attn_backend: str = 'auto'              # auto | flex | sdpa
     mask_preset: str = 'museformer'         # museformer | meloformer | dense
     transpose: int = 0                      # random transposition of pitched tracks, +- semitones
-    resume: str | None = None               # a checkpoint file, a run folder, or 'auto' (this out_dir's latest)
+    resume: str | None = None               # a checkpoint file, a run folder, or 'auto' (this out_dir's run, latest)
+    overwrite: bool = False                 # a fresh start may replace another run's files in out_dir
+    report_to: str = 'none'                 # none | tensorboard (metrics.csv is always written)
     eval_every: int = 100
     eval_batches: int = 16
     save_every: int = 200
@@ -146,7 +172,7 @@ CUDA_DEFAULTS = dict(model_size='small', batch_size=6, gradient_accumulation_ste
                      epochs=3, lr=3e-4, warmup_steps=500, compile=True, eval_every=500)
 
 def resolve_config(cfg: TrainConfig, cuda: bool | None = None) -> TrainConfig:
-    "Fill unset fields from the machine's defaults (CPU defaults only where no --model_size was given)."
+    "Fill unset fields from the machine's defaults (CPU defaults only where no --model_size was given); a given `epochs` is never replaced by a default `max_steps`."
     cuda = torch.cuda.is_available() if cuda is None else cuda
     base = CUDA_DEFAULTS if cuda or cfg.model_size not in (None, 'tiny') else CPU_DEFAULTS
     if not cuda and cfg.model_size not in (None, 'tiny'):   # a real size on CPU: the release's sizes, short runs
@@ -154,9 +180,32 @@ def resolve_config(cfg: TrainConfig, cuda: bool | None = None) -> TrainConfig:
                 'gradient_accumulation_steps': 1, 'epochs': None, 'max_steps': 100, 'warmup_steps': 10, 'eval_every': 50}
     out = TrainConfig(**asdict(cfg))
     for k, v in base.items():
+        if k == 'max_steps' and out.epochs is not None: continue          # --epochs given: it sets the length
         if getattr(out, k) is None: setattr(out, k, v)
     if out.warmup_steps is None: out.warmup_steps = 100
     return out
+
+# %% ../nbs/06_train.ipynb
+RUN_FIELDS = ('model_size', 'max_seq_len', 'data_dir', 'transpose', 'seed', 'batch_size', 'gradient_accumulation_steps', 'phases',
+              'constant_samples', 'lr', 'min_lr_frac', 'warmup_steps', 'weight_decay', 'grad_clip', 'precision', 'mask_preset')
+CADENCE_FIELDS = ('max_steps', 'epochs', 'eval_every', 'eval_batches', 'save_every', 'keep_checkpoints', 'num_workers', 'progress',
+                  'max_bad_steps', 'out_dir', 'resume', 'overwrite', 'report_to', 'compile', 'recompile_limit', 'grad_checkpointing',
+                  'attn_backend', 'device')
+
+def run_settings(cfg, schedule=None) -> dict:
+    "The defining settings of a resolved config (`RUN_FIELDS`), as JSON values; `schedule` replaces the `--phases` spec by its table."
+    d = {k: getattr(cfg, k) for k in RUN_FIELDS}
+    if d['data_dir']: d['data_dir'] = str(Path(d['data_dir']).resolve())
+    if schedule is not None: d['phases'] = json.loads(schedule.to_json())
+    return d
+
+def run_fingerprint(settings: dict) -> str:
+    "16 hex digits of the sha1 of the defining settings."
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    "`field old -> new` for each defining setting that differs."
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 # %% ../nbs/06_train.ipynb
 def batch_to(batch: dict, device) -> tuple[torch.Tensor, dict, torch.Tensor]:
@@ -171,7 +220,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 'mean')
 
 @torch.no_grad()
 def evaluate_loss(model, dataset, device, batch_size: int = 8, max_batches: int | None = None, autocast=contextlib.nullcontext) -> dict:
-    "Mean loss per target token and perplexity over `dataset` (fixed crops and order)."
+    "Mean loss per target token and perplexity over `dataset` (fixed crops and order); `ValueError` when it has no target token."
     from meloformer.data import make_loader
     was_training = model.training; model.eval()
     total, count = 0.0, 0
@@ -181,7 +230,8 @@ def evaluate_loss(model, dataset, device, batch_size: int = 8, max_batches: int 
         with autocast(): logits = model(ids, meta)
         total += lm_loss(logits, labels, 'sum').item(); count += int((labels != -100).sum())
     model.train(was_training)
-    loss = total / max(count, 1)
+    if count == 0: raise ValueError(f"{dataset!r}: no target tokens to measure a loss on")   # never a loss that was not measured
+    loss = total / count
     return dict(val_loss=loss, val_ppl=math.exp(min(loss, 50)), val_tokens=count)
 
 # %% ../nbs/06_train.ipynb
@@ -210,6 +260,25 @@ def steps_for_epochs(schedule, rows_per_epoch: int, epochs: float, world_size: i
     return max(step, 1)
 
 # %% ../nbs/06_train.ipynb
+from .data import PackedBatchSampler, plan_rows
+
+class EpochRest(PackedBatchSampler):
+    "`PackedBatchSampler` over the pieces of the epoch not in `seen`, planned at `max_seq_len`."
+    def __init__(self, lengths, batch_size: int, max_seq_len: int, seed: int = 0, epoch: int = 0, start: int = 0,
+                 rank: int = 0, world_size: int = 1, seen=()):
+        super().__init__(lengths, batch_size, max_seq_len, seed, epoch, start, rank, world_size)
+        self.seen = np.asarray(seen, np.int64)
+
+    def rows(self) -> list[tuple[int, ...]]:
+        if not len(self.seen): return super().rows()
+        key = (self.seed, self.epoch)
+        if self._plan[0] != key:
+            rest = np.setdiff1d(np.arange(len(self.lengths)), self.seen)
+            plan = plan_rows(self.lengths[rest], self.max_seq_len, self.seed, self.epoch, self.pack, self.window)
+            self._plan = (key, [tuple(int(rest[i]) for i in r) for r in plan])
+        return self._plan[1]
+
+# %% ../nbs/06_train.ipynb
 def _configure_dynamo(limit: int):
     import torch._dynamo.config as dc
     for name in ('recompile_limit', 'cache_size_limit'):
@@ -226,6 +295,19 @@ def _rss_mb() -> float:
     from meloformer.memory import _status_mb
     return _status_mb(key='VmRSS')
 
+METRIC_FIELDS = ['step', 'phase', 'loss', 'lr', 'grad_norm', 'tokens_per_s', 'mem_mb', 'epoch', 'val_loss', 'val_ppl', 'val_tokens']
+RUN_FILES = ('run.json', 'metrics.csv', 'memory.csv', 'memory.png', 'loss.png', 'model', 'tensorboard')   # what a run writes besides checkpoints
+
+def _merge_phase(row: dict, before: dict | None) -> dict:
+    "A phase's memory row joined with the part of the phase run before a resume: steps and seconds add up, peaks are the larger."
+    if not before: return row
+    out = {k: max(v, before.get(k, 0)) if k.startswith('peak') else v for k, v in row.items()}
+    out.update(steps=(row['steps'] or 0) + (before['steps'] or 0), seconds=round(row['seconds'] + before['seconds'], 2), resumed=True)
+    return out
+
+def _write_json(path: Path, obj):
+    tmp = path.with_name(f'.{path.name}.tmp'); tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)
+
 class Trainer:
     "One training run: model, optimizer, schedule, data position, logs. `run()` trains to `max_steps`."
     def __init__(self, cfg: TrainConfig):
@@ -235,10 +317,11 @@ class Trainer:
         from meloformer.memory import MemoryTracker
         cuda = torch.cuda.is_available() and cfg.device in ('auto', 'cuda')
         self.cfg = cfg = resolve_config(cfg, cuda)
+        if cfg.report_to not in ('none', 'tensorboard'): raise ValueError(f"--report_to {cfg.report_to!r}: use none or tensorboard")
+        if cfg.overwrite and cfg.resume: raise ValueError("--overwrite starts the run over; it cannot go with --resume")
         self.dist = setup_distributed('cuda' if cuda else 'cpu')
         self.device = torch.device(f'cuda:{self.dist.local_rank}' if cuda else 'cpu')
         self.out = Path(cfg.out_dir)
-        if self.dist.main: self.out.mkdir(parents=True, exist_ok=True)
         bf16 = cfg.precision == 'bf16' or (cfg.precision == 'auto' and cuda)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         # data
@@ -246,6 +329,8 @@ class Trainer:
         if cfg.data_dir: self.train_ds, self.valid_ds = (ShardDataset(cfg.data_dir, s, transpose=cfg.transpose if s == 'train' else 0, **kw) for s in ('train', 'valid'))
         else: self.train_ds, self.valid_ds = demo_dataset('train', transpose=cfg.transpose, **kw), demo_dataset('valid', **kw)
         self.tok = self.train_ds.tok
+        if len(self.valid_ds) == 0 and self.dist.main:
+            print(f"{getattr(self.valid_ds, 'root', 'the corpus')}: no validation piece: no validation loss is measured or logged", file=sys.stderr)
         # model
         torch.manual_seed(cfg.seed)
         mcfg = ModelConfig.from_size(cfg.model_size, vocab_size=self.tok.vocab_size, mask=MaskConfig.from_preset(cfg.mask_preset),
@@ -254,15 +339,20 @@ class Trainer:
         self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                      fused=cuda)
         self.schedule = self._schedule(cfg, bf16)
-        from meloformer.data import PackedBatchSampler
+        for p in self.schedule.phases:
+            if p.max_seq_len is not None and p.max_seq_len % 128: raise ValueError(f"phase {p.name!r}: max_seq_len {p.max_seq_len} is not a multiple of 128")
         self.rows_per_epoch = len(PackedBatchSampler(self.train_ds.lengths, 1, cfg.max_seq_len, cfg.seed).rows())
         self.max_steps = cfg.max_steps or steps_for_epochs(self.schedule, self.rows_per_epoch, cfg.epochs or 1, self.dist.world_size)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg.warmup_steps, self.max_steps, cfg.min_lr_frac))
         self.step, self.epoch, self.position, self.bad_in_row, self.data_seen = 0, 0, 0, 0, []
-        self.memory = MemoryTracker(self.device.type)
-        self.metrics = MetricsLog(self.out/'metrics.csv') if self.dist.main else None
-        if cfg.resume: self._resume(cfg.resume)
-        elif self.metrics: self.metrics.truncate(0)
+        self.seg_len, self.pieces_seen, self._views = None, np.zeros(0, np.int64), {}   # the row length of this epoch's plan, pieces before it
+        self.memory, self.phase_steps, self._memory_carry = MemoryTracker(self.device.type), 0, None
+        self.settings = run_settings(cfg, self.schedule); self.fingerprint = run_fingerprint(self.settings)
+        ckpt = self._claim_folder(cfg)
+        self.metrics = MetricsLog(self.out/'metrics.csv', METRIC_FIELDS) if self.dist.main else None
+        if ckpt is not None: self._load(ckpt)
+        elif self.metrics: self.metrics.truncate(-1)          # this run from its start: step 0 is logged again
+        self.tb = self._tensorboard() if cfg.report_to == 'tensorboard' and self.dist.main else None
         # compile and DDP wrap the module the loop calls; masks are built outside (host-side work)
         self.forward = self.model
         if cfg.compile:
@@ -287,46 +377,133 @@ class Trainer:
         if self.dist.main: print(f"phases auto: batch {fit['max_batch']} x {cfg.max_seq_len} fits {budget:.1f} GB ({fit['how']})", file=sys.stderr)
         return release_schedule(fit['max_batch'], cfg.num_workers, cfg.gradient_accumulation_steps, cfg.constant_samples)
 
+    # --- the run folder: one run per folder
+    def _claim_folder(self, cfg) -> Path | None:
+        "Decide (every rank, read-only) which run this is and the checkpoint to start from; then rank 0 writes `run.json`."
+        out, run = self.out, None
+        if (out/'run.json').exists(): run = json.loads((out/'run.json').read_text())
+        present = [n for n in RUN_FILES if (out/n).exists()] + [f"{len(list_checkpoints(out))} checkpoints"] * bool(list_checkpoints(out))
+        ckpt, stale = None, []
+        if not cfg.resume:                                             # a fresh start
+            if present and not cfg.overwrite:
+                raise ValueError(f"{out}: holds another run ({', '.join(present)}); continue it with --resume auto, or start over with --overwrite")
+            self.run_id = uuid.uuid4().hex[:12]
+        else:
+            if cfg.resume == 'auto' or Path(cfg.resume).is_dir():
+                folder = out if cfg.resume == 'auto' else Path(cfg.resume)
+                frun = run if folder.resolve() == out.resolve() else (json.loads((folder/'run.json').read_text()) if (folder/'run.json').exists() else None)
+                if frun is None and list_checkpoints(folder, ...) and cfg.resume == 'auto':
+                    raise ValueError(f"{folder}: its checkpoints carry no run id (made before run ids): resume one by file with --resume, or start over with --overwrite")
+                found = list_checkpoints(folder, frun['run_id'] if frun else None)
+                if frun is None and not found:
+                    if cfg.resume != 'auto': raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
+                    if present: raise ValueError(f"{out}: holds files of a run with no run.json ({', '.join(present)}); start over with --overwrite")
+                ckpt = found[-1] if found else None
+                if frun is not None: self._check_settings(frun['settings'], f"{folder}/run.json")
+                self.run_id = frun['run_id'] if frun else uuid.uuid4().hex[:12]
+            else:
+                ckpt = Path(cfg.resume)
+                if not ckpt.is_file(): raise FileNotFoundError(f"--resume {ckpt}: no such checkpoint file")
+            if ckpt is not None:
+                st = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
+                if 'settings' in st: self._check_settings(st['settings'], str(ckpt))
+                self.run_id = st.get('run_id') or getattr(self, 'run_id', None) or uuid.uuid4().hex[:12]
+            if run is not None and run['run_id'] != self.run_id:
+                raise ValueError(f"{out}: holds another run ({run['run_id']}); resume into an empty --out_dir, or start over there with --overwrite")
+            if run is None and present and ckpt is not None and ckpt.parent.resolve() != out.resolve():
+                raise ValueError(f"{out}: holds files of another run ({', '.join(present)}); resume into an empty --out_dir")
+            step = st['step'] if ckpt is not None else 0
+            stale = [p for p in list_checkpoints(out, self.run_id) if int(_CKPT_NAME.fullmatch(p.name).group(1)) > step]
+        if self.dist.world_size > 1:
+            import torch.distributed as dist
+            dist.barrier()                                             # every rank has looked before rank 0 writes
+        if self.dist.main:
+            if not cfg.resume and present:                             # --overwrite: the other run's files go
+                for p in list_checkpoints(out) + list(out.glob(f'.{CKPT_PREFIX}*.tmp')) + list(out.glob('ddp_rank*.json')): p.unlink()
+                for n in RUN_FILES:
+                    if (out/n).is_dir(): shutil.rmtree(out/n)
+                    elif (out/n).exists(): (out/n).unlink()
+                print(f"{out}: --overwrite: removed the files of the run that was there", file=sys.stderr)
+            for p in stale: p.unlink()                                 # a future this resume replaces
+            out.mkdir(parents=True, exist_ok=True)
+            if run is None or run['run_id'] != self.run_id:
+                _write_json(out/'run.json', dict(run_id=self.run_id, fingerprint=self.fingerprint, settings=self.settings))
+        if self.dist.world_size > 1: dist.barrier()
+        return ckpt
+
+    def _check_settings(self, saved: dict, where: str):
+        diff = settings_diff(saved, self.settings)
+        if diff: raise ValueError(f"{where}: the run was made with other defining settings: {'; '.join(diff)} (start a new run in another --out_dir)")
+
     # --- checkpoints
     def state(self) -> dict:
         return dict(step=self.step, epoch=self.epoch, position=self.position, phase=self.schedule.index_at(max(self.step, 1)),
+                    seg_len=self.seg_len, seen=torch.from_numpy(self.pieces_seen.copy()),
                     model=self.model.state_dict(), optimizer=self.opt.state_dict(), lr_schedule=self.lr_sched.state_dict(),
-                    rng=rng_state(), config=asdict(self.cfg), model_config=self.model.cfg.to_dict())
+                    rng=rng_state(), config=asdict(self.cfg), model_config=self.model.cfg.to_dict(),
+                    run_id=self.run_id, fingerprint=self.fingerprint, settings=self.settings, memory=self._memory_state())
+
+    def _memory_state(self) -> dict:
+        "The phases done (memory.csv rows) and the one in progress so far, for a resume to carry on."
+        cur, part = self.memory._current, None
+        if cur is not None and self.phase_steps:                   # read the open phase's peaks without closing it
+            part = self.memory.stop(steps=self.phase_steps); self.memory.rows.pop(); self.memory._current = cur
+            part = _merge_phase(part, self._memory_carry)
+        return dict(rows=list(self.memory.rows), partial=part)
 
     def save(self) -> Path | None:
         if not self.dist.main: return None
-        return save_checkpoint(self.out, self.step, self.state(), self.cfg.keep_checkpoints)
+        return save_checkpoint(self.out, self.step, self.state(), self.cfg.keep_checkpoints, self.run_id)
 
-    def _resume(self, where: str):
-        path = Path(where)
-        if where == 'auto' or path.is_dir():
-            found = list_checkpoints(self.out if where == 'auto' else path)
-            if not found:
-                if where == 'auto': return                                   # nothing yet: a fresh start
-                raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-            path = found[-1]
+    def _load(self, path: Path):
         st = load_checkpoint(path)
         self.model.load_state_dict(st['model']); self.opt.load_state_dict(st['optimizer']); self.lr_sched.load_state_dict(st['lr_schedule'])
+        for g, base, f in zip(self.opt.param_groups, self.lr_sched.base_lrs, self.lr_sched.lr_lambdas):
+            g['lr'] = base * f(self.lr_sched.last_epoch)               # this run's --max_steps may differ from the saved one's
         self.step, self.epoch, self.position = st['step'], st['epoch'], st['position']
+        self.seg_len, self.pieces_seen = st.get('seg_len'), st['seen'].numpy() if 'seen' in st else np.zeros(0, np.int64)
         set_rng_state(st['rng'])
+        if 'memory' in st:                                          # memory.csv keeps the phases run before the resume
+            self.memory.rows, part = list(st['memory']['rows']), st['memory']['partial']
+            if part and self.schedule.index_at(self.step + 1) != self.schedule.index_at(self.step): self.memory.rows.append(part)
+            elif part: self._memory_carry = part
         if self.metrics: self.metrics.truncate(self.step)
         self.resumed_from = path
+        if self.dist.main: print(f"resuming run {self.run_id} from {path.name} (step {self.step})", file=sys.stderr)
 
     # --- data
+    def _view(self, seq_len: int):
+        "The training set with rows cropped to `seq_len` tokens (a shallow copy sharing the open shards)."
+        if seq_len == self.train_ds.max_seq_len: return self.train_ds
+        if seq_len not in self._views:
+            self._views[seq_len] = copy.copy(self.train_ds); self._views[seq_len].max_seq_len = seq_len
+        return self._views[seq_len]
+
     def _loader(self, phase):
-        from meloformer.data import make_loader
-        return make_loader(self.train_ds, phase.batch_size, seed=self.cfg.seed, epoch=self.epoch, start=self.position,
-                           num_workers=phase.num_workers, rank=self.dist.rank, world_size=self.dist.world_size,
-                           pin_memory=self.device.type == 'cuda', persistent_workers=False)
+        "A DataLoader for `phase` from the stored position; a change of row length plans the rest of the epoch at the new length."
+        from meloformer.data import Collate
+        seq_len = phase.seq_len(self.cfg.max_seq_len)
+        if self.seg_len is not None and seq_len != self.seg_len and (self.position or len(self.pieces_seen)):
+            done = EpochRest(self.train_ds.lengths, 1, self.seg_len, self.cfg.seed, self.epoch, seen=self.pieces_seen).rows()[:self.position]
+            self.pieces_seen = np.union1d(self.pieces_seen, np.array([p for r in done for p in r], np.int64))
+            self.position = 0
+            if len(self.pieces_seen) >= len(self.train_ds): self.epoch, self.pieces_seen = self.epoch + 1, np.zeros(0, np.int64)
+        self.seg_len = seq_len
+        ds = self._view(seq_len)
+        sampler = EpochRest(ds.lengths, phase.batch_size, seq_len, self.cfg.seed, self.epoch, self.position,
+                            self.dist.rank, self.dist.world_size, seen=self.pieces_seen)
+        self._plan_rows = len(sampler.rows())
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=Collate(self.tok.pad_id, seq_len),
+                                           num_workers=phase.num_workers, pin_memory=self.device.type == 'cuda', persistent_workers=False)
 
     def _next_batch(self, phase):
         while True:
             try:
                 batch = next(self._it)
-                self.position = min(self.position + phase.batch_size * self.dist.world_size, self.rows_per_epoch)
+                self.position = min(self.position + phase.batch_size * self.dist.world_size, self._plan_rows)
                 return batch
             except StopIteration:                                   # epoch done: the next one, from its first row
-                self.epoch, self.position = self.epoch + 1, 0
+                self.epoch, self.position, self.pieces_seen = self.epoch + 1, 0, np.zeros(0, np.int64)
                 self._it = iter(self._loader(phase))
 
     # --- one optimizer step
@@ -359,24 +536,46 @@ class Trainer:
         return dict(loss=float(total), finite=finite, grad_norm=float(grad_norm), tokens=tokens * self.dist.world_size)
 
     def evaluate(self) -> dict:
+        "Validation loss and perplexity; `{}` when the corpus has no validation piece (nothing is measured, nothing reported)."
+        if len(self.valid_ds) == 0: return {}
         return evaluate_loss(self.model, self.valid_ds, self.device, self.cfg.batch_size, self.cfg.eval_batches, self.autocast)
+
+    # --- logging
+    def _tensorboard(self):
+        try: from torch.utils.tensorboard import SummaryWriter
+        except ImportError: raise ValueError("--report_to tensorboard needs the tensorboard package: pip install 'meloformer[tensorboard]'") from None
+        return SummaryWriter(str(self.out/'tensorboard'), purge_step=self.step + 1 if self.step else 0)   # a resume drops later events
+
+    def _log(self, row: dict):
+        if self.metrics: self.metrics.log(**row)
+        if self.tb is None: return
+        tags = dict(loss='train/loss', lr='train/lr', tokens_per_s='train/tokens_per_s', grad_norm='train/grad_norm', mem_mb='train/mem_mb',
+                    val_loss='valid/loss', val_ppl='valid/ppl')
+        for k, tag in tags.items():
+            if k in row: self.tb.add_scalar(tag, row[k], row['step'])
+
+    def _phase_done(self):
+        row = self.memory.stop(steps=self.phase_steps)
+        if row is None: return
+        row.update(_merge_phase(row, self._memory_carry)); self._memory_carry = None   # with the part run before the resume
+        if self.tb is not None: self.tb.add_scalar(f"memory/peak_mb/{row['phase']}", self.memory.peak_mb(row), self.step)
 
     # --- the run
     def run(self) -> dict:
         from tqdm.auto import tqdm
         cfg, phase_idx = self.cfg, None
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not (cfg.progress and self.dist.main), desc='train', dynamic_ncols=True)
-        t_last, phase_steps = time.perf_counter(), 0
-        if self.step == 0 and self.metrics is not None:            # the untrained model's loss: where the curve starts
-            self.metrics.log(step=0, **self.evaluate())
+        t_last = time.perf_counter()
+        if self.step == 0 and self.metrics is not None and len(self.valid_ds):   # the untrained model's loss: where the curve starts
+            self._log(dict(step=0, **self.evaluate()))
         while self.step < self.max_steps:
             idx = self.schedule.index_at(self.step + 1)
             phase = self.schedule.phases[idx]
             if idx != phase_idx:                                   # phase boundary: rebuild the loader, reset peaks
-                if phase_idx is not None: self.memory.stop(steps=phase_steps)
-                self.memory.start(phase.name); phase_steps = 0
+                if phase_idx is not None: self._phase_done()
+                self.phase_steps = 0; self.memory.start(phase.name)
                 phase_idx, self._it = idx, iter(self._loader(phase))
-            out = self.train_step(phase); phase_steps += 1
+            out = self.train_step(phase); self.phase_steps += 1
             now = time.perf_counter(); tok_s = out['tokens'] / max(now - t_last, 1e-9); t_last = now
             if not out['finite']:
                 if self.dist.main: print(f"step {self.step}: non-finite loss {out['loss']}, step skipped ({self.bad_in_row} in a row)", file=sys.stderr)
@@ -387,21 +586,26 @@ class Trainer:
                        grad_norm=round(out['grad_norm'], 4), tokens_per_s=round(tok_s), mem_mb=round(mem_mb), epoch=self.epoch)
             if self.dist.main and (self.step % cfg.eval_every == 0 or self.step == self.max_steps):   # no collectives: rank 0 alone
                 row.update(self.evaluate())
-            if self.metrics: self.metrics.log(**row)
+            if self.dist.main: self._log(row)
             bar.update(1); bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mem=f"{mem_mb / 1024:.1f}G", phase=phase.name)
             if self.step % cfg.save_every == 0 and self.step < self.max_steps: self.save()
         bar.close()
-        self.memory.stop(steps=phase_steps)
+        self._phase_done()
         return self.finish()
 
     def finish(self) -> dict:
-        result = dict(steps=self.step, out_dir=str(self.out))
+        result = dict(steps=self.step, out_dir=str(self.out), run_id=self.run_id)
         if self.dist.world_size > 1: self._write_rank_report()
         if not self.dist.main: return result
         result['checkpoint'] = str(self.save())
         self.model.save_pretrained(self.out/'model'); self.tok.save(self.out/'model')
         self.memory.save(self.out)
         plot_losses(self.out/'metrics.csv', self.out/'loss.png')
+        if self.tb is not None:
+            import matplotlib.image as mpimg
+            for name in ('loss', 'memory'):
+                self.tb.add_image(f'charts/{name}', mpimg.imread(self.out/f'{name}.png')[..., :3], self.step, dataformats='HWC')
+            self.tb.close()
         vals = [float(r['val_loss']) for r in self.metrics.rows if r.get('val_loss') not in (None, '')]
         if vals: result.update(first_val_loss=vals[0], last_val_loss=vals[-1])
         return result
@@ -415,7 +619,7 @@ class Trainer:
         dist.barrier()
 
 def train(cfg: TrainConfig) -> dict:
-    "Train with `cfg`; returns the step count, the output folder and the first and last validation losses."
+    "Train with `cfg`; returns the step count, the output folder, the run id and the first and last validation losses."
     trainer = Trainer(cfg)
     try: return trainer.run()
     finally:
@@ -436,7 +640,9 @@ _HELP = dict(
     compile="torch.compile the model (bounded shapes)", recompile_limit="dynamo recompile limit per frame (exceeding it is an error)",
     grad_checkpointing="none | ffn | full", precision="auto | fp32 | bf16", attn_backend="auto | flex | sdpa",
     mask_preset="museformer | meloformer | dense", transpose="random transposition of pitched tracks, +- semitones",
-    resume="checkpoint file, run folder, or 'auto' (latest in --out_dir, else a fresh start)",
+    resume="checkpoint file, run folder, or 'auto' (this --out_dir's run from its latest checkpoint; a fresh start in an empty folder)",
+    overwrite="a fresh start in an --out_dir that holds another run removes that run's files (without it: refused)",
+    report_to="none | tensorboard (scalars and charts under --out_dir/tensorboard; metrics.csv is always written)",
     eval_every="validate every N steps", eval_batches="validation batches per evaluation", save_every="checkpoint every N steps",
     keep_checkpoints="checkpoints to keep", max_bad_steps="abort after N non-finite losses in a row", seed="random seed",
     device="auto | cpu | cuda", progress="show a progress bar")
@@ -457,7 +663,8 @@ def main(argv=None) -> int:
         print(f"{type(e).__name__}: {e}", file=sys.stderr); return 1
     if int(os.environ.get('RANK', 0)) == 0:
         msg = f"trained {result['steps']} steps -> {result['out_dir']}"
-        if 'first_val_loss' in result: msg += f"; validation loss {result['first_val_loss']:.3f} -> {result['last_val_loss']:.3f}"
+        msg += (f"; validation loss {result['first_val_loss']:.3f} -> {result['last_val_loss']:.3f}" if 'first_val_loss' in result
+                else "; no validation loss (no validation piece)")
         print(msg)
     return 0
 
