@@ -17,6 +17,7 @@ mkdir -p "$LOGS"
 # optional python modules a script needs beyond meloformer's own dependencies
 declare -A NEEDS=([tokenizer]="miditok" [metrics_vs_muspy]="muspy")
 ORDER=(tokenizer data attention generate metrics_vs_muspy train)   # cheap first; others found in bench/ run after these
+LONG=(soak)   # hours at full size: run only when named (bash bench/run_all.sh soak; SOAK_ARGS="--files 500 --steps 600" to scale down)
 
 list=0; wanted=()
 for a in "$@"; do
@@ -26,7 +27,7 @@ if (( ${#wanted[@]} == 0 )); then
   wanted=("${ORDER[@]}")
   for f in bench/*.py; do
     n=$(basename "$f" .py)
-    [[ $n == summarize || " ${wanted[*]} " == *" $n "* ]] || wanted+=("$n")
+    [[ $n == summarize || $n == _* || " ${wanted[*]} ${LONG[*]} " == *" $n "* ]] || wanted+=("$n")
   done
 fi
 

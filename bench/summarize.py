@@ -46,6 +46,13 @@ BENCHMARKS = {
         anchor="fp32 (CPU) / bf16 (CUDA) square `torch.mm` GFLOP/s measured between consecutive training steps; "
                "the `dense` preset for the mask ratio.",
         results={'train.md': [0], 'train_cuda.md': [0]}),
+    'soak.py': dict(
+        what="A soak at scale (long; not in `run_all.sh`'s default list): a corpus of thousands of MIDI variants built with 2 workers "
+             "(files/s, peak RSS, `kill -9` mid-build then a re-run that must equal a clean build), a long `tiny` training run killed twice "
+             "and resumed (per-step wall/CPU time and RSS, first vs last steps; checkpoints bounded; one metrics row per step), and "
+             "bit-exact weights of a shorter killed-and-resumed run.",
+        anchor="the same run's first steps (flatness), a clean build (identity), an uninterrupted run (bit-exactness).",
+        results={'soak.md': [0, 1, 2, 3]}),
 }
 
 
