@@ -24,7 +24,7 @@ lengths (FlexAttention forward only: it has no CPU backward; training steps use 
 same files to a temp folder: CI runs it so that a change that breaks the GPU check breaks CI.
 """
 import argparse, ast, contextlib, datetime, importlib.util, io, json, logging, os, platform, re, signal, statistics
-import subprocess, sys, symtable, tempfile, time, traceback
+import subprocess, sys, symtable, tempfile, time, traceback, types
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -36,6 +36,7 @@ ITEMS = ['gpu_cells', 'train', 'attention', 'memory', 'generate']
 BUDGET_GPU = dict(gpu_cells=110, train=170, attention=70, memory=100, generate=60)
 BUDGET_DRY = dict(gpu_cells=90, train=150, attention=90, memory=90, generate=90)
 TOTAL_GPU, TOTAL_DRY = 540, 420
+REHEARSE = False                       # --rehearse (dry run): run the gpu cells on CPU too
 GOALS = dict(tokens_per_s=300_000, peak_gb=15.0, speedup_8192=1.5, speedup_24576=3.0, estimator_pct=20.0)
 
 # what each item runs: GPU sizes, and the dry run's tiny stand-ins (same code paths)
@@ -239,6 +240,17 @@ def unresolved(src: str, ns: dict, also: set) -> list[str]:
     return sorted(set(bad))
 
 
+def cpu_rehearsal(src: str) -> str:
+    "A gpu cell for CPU: device 'cpu', `tiny` for the model sizes, lengths of 1024 or more cut to 256, no CUDA memory calls."
+    src = re.sub(r"""(['"])cuda\1""", "'cpu'", src)
+    src = re.sub(r"""(['"])(small|base|large|xlarge)\1""", "'tiny'", src)
+    src = re.sub(r'(?<![\w.])\d{4,}(?![\w.])', lambda m: '256' if int(m.group()) >= 1024 else m.group(), src)
+    return re.sub(r'torch\.cuda\.(synchronize|max_memory_allocated|max_memory_reserved|reset_peak_memory_stats|empty_cache)\(\)', '0', src)
+
+
+FLEX_NO_CPU_BACKWARD = 'FlexAttention does not support backward on CPU'
+
+
 def item_gpu_cells(cfg, rep: Report, dry: bool) -> bool:
     import torch
     work = Path(tempfile.mkdtemp(prefix='meloformer-gpu-cells-'))
@@ -252,9 +264,14 @@ def item_gpu_cells(cfg, rep: Report, dry: bool) -> bool:
     rep.add(f"`#| gpu` cells of {', '.join(nb.name for nb in plans)}, each notebook in a fresh namespace with the definitions "
             "its gpu cells read (found by name in earlier cells, executed in notebook order)" +
             (". Dry run: the definitions run, each gpu cell is compiled and every global name and attribute chain it reads is "
-             "resolved; the cells themselves are not run (they need CUDA: FlexAttention has no CPU backward)." if dry else '.'))
+             "resolved; the cells themselves need CUDA (FlexAttention has no CPU backward)" + (
+             "; `--rehearse`: each also runs on CPU (device 'cpu', `tiny`, lengths 256) up to its first flex backward." if REHEARSE
+             else ", so they do not run (`--rehearse` runs them on CPU up to their first flex backward, ~1-2 minutes)." ) if dry else '.'))
     for nb, plan in plans.items():
-        ns = {'__name__': '__main__'}
+        # a real module in sys.modules, as IPython's namespace is: dynamo's guards look globals up through the module
+        module = types.ModuleType('gpu_cells_' + re.sub(r'\W', '_', nb.stem))
+        sys.modules[module.__name__] = module
+        ns = module.__dict__
         t0 = time.perf_counter()
         try:
             for (i, j), st in plan['prereq']: exec(compile(st, f'{nb.name}:cell{i}', 'exec'), ns)
@@ -274,8 +291,18 @@ def item_gpu_cells(cfg, rep: Report, dry: bool) -> bool:
                     compile(src, f'{nb.name}:cell{i}', 'exec')
                     bad = unresolved(src, ns, plan['gpu_defs'])
                     row['status'] = f"FAIL: unresolved {', '.join(bad)}" if bad else 'names resolve (not run: CUDA)'
-                    ok &= not bad
-                except SyntaxError as e: row['status'] = f'FAIL: {e}'; ok = False
+                except SyntaxError as e: bad, row['status'] = True, f'FAIL: {e}'
+                if REHEARSE and not bad:
+                    try:
+                        exec(compile(cpu_rehearsal(src), f'{nb.name}:cell{i} (CPU rehearsal)', 'exec'), ns)
+                        row['status'] = 'rehearsed on CPU: ran'
+                    except Exception as e:
+                        if isinstance(e, NotImplementedError) and FLEX_NO_CPU_BACKWARD in str(e):
+                            row['status'] = 'rehearsed on CPU up to the flex backward'
+                        else:
+                            bad, row['status'] = True, f'FAIL (CPU rehearsal): {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
+                            traceback.print_exc()
+                ok &= not bad
                 row.update(seconds=f'{time.perf_counter() - t0:.1f}', detail='')
             else:
                 out = io.StringIO()
@@ -555,14 +582,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--out_dir', default=None, help="where <item>.md and summary.md go (default: bench/results/gpu; dry run: a new temp folder)")
     p.add_argument('--budgets', nargs='+', default=[], metavar='ITEM=SECONDS', help="override an item's time budget, e.g. train=300")
     p.add_argument('--total_s', type=float, default=None, help=f"budget of the whole run (default: {TOTAL_GPU} s on GPU, {TOTAL_DRY} s dry)")
+    p.add_argument('--rehearse', action='store_true', help="dry run: also run the gpu notebook cells on CPU (device 'cpu', tiny "
+                   "model, lengths 256) up to their first flex backward; ~1-2 minutes more, not in CI")
     p.add_argument('--_child', default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    global REHEARSE
+    REHEARSE = a.rehearse
+    if a.rehearse and not a.dry_run:
+        print("gpu_check.py: --rehearse goes with --dry-run (on a GPU the cells run for real)", file=sys.stderr); return 2
     if a._child: return run_item(a._child, Path(a.out_dir), a.dry_run)
     budgets = dict(BUDGET_DRY if a.dry_run else BUDGET_GPU)
+    if a.rehearse: budgets['gpu_cells'] = 300          # three cells compiled and run on CPU
     for spec in a.budgets:
         name, _, sec = spec.partition('=')
         if name not in ITEMS or not re.fullmatch(r'\d+(\.\d+)?', sec):
@@ -588,7 +622,8 @@ def main(argv=None) -> int:
         print(f"== {item} (budget {budget:.0f} s, log {log})", flush=True)
         t0 = time.perf_counter()
         with open(log, 'w') as lf:
-            cmd = [sys.executable, __file__, '--_child', item, '--out_dir', str(out)] + (['--dry-run'] if a.dry_run else [])
+            cmd = ([sys.executable, __file__, '--_child', item, '--out_dir', str(out)] + (['--dry-run'] if a.dry_run else [])
+                   + (['--rehearse'] if a.rehearse else []))
             # dry run: one thread per process; two OpenMP threads on two cores that other work shares made a tiny step ~4-70x slower
             env = {**os.environ, **({'OMP_NUM_THREADS': '1'} if a.dry_run else {})}
             p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
