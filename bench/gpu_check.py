@@ -118,21 +118,18 @@ def load_bench(name: str):
 
 
 class RecompileCounter:
-    "Counts dynamo recompilations (its `recompiles` log) without printing them."
+    "Counts dynamo recompilations (its `recompiles` log) and keeps their reasons, without printing them."
     def __init__(self):
         import torch
         self.n, self.reasons = 0, []
         torch._logging.set_logs(recompiles=True)
-        log = logging.getLogger('torch._dynamo.guards.__recompiles')
-        log.propagate = False
-        log.addHandler(self._Handler(self))
+        logging.getLogger('torch._dynamo.guards.__recompiles').addFilter(self.record)
 
-    class _Handler(logging.Handler):
-        def __init__(self, owner): super().__init__(); self.owner = owner
-        def emit(self, record):
-            self.owner.n += 1
-            why = next((l.strip() for l in record.getMessage().splitlines() if l.strip().startswith('- ')), '?')
-            self.owner.reasons.append(why.split('#')[0].strip(' -') or why)   # the failed guard, without the source comment
+    def record(self, rec) -> bool:
+        self.n += 1
+        why = next((l.strip() for l in rec.getMessage().splitlines() if l.strip().startswith('- ')), '?')
+        self.reasons.append(why.split('#')[0].strip(' -') or why)     # the failed guard, without the source comment
+        return False                                                  # counted here, not printed
 
 
 def sync():
