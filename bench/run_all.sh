@@ -27,7 +27,8 @@ if (( ${#wanted[@]} == 0 )); then
   wanted=("${ORDER[@]}")
   for f in bench/*.py; do
     n=$(basename "$f" .py)
-    [[ $n == summarize || $n == _* || " ${wanted[*]} ${LONG[*]} " == *" $n "* ]] || wanted+=("$n")
+    # not benchmarks of their own: the summary, the shared helpers, and the GPU check (needs CUDA; run it by name); LONG ones only by name
+    [[ $n == summarize || $n == _* || $n == gpu_check || " ${wanted[*]} ${LONG[*]} " == *" $n "* ]] || wanted+=("$n")
   done
 fi
 

@@ -53,6 +53,14 @@ BENCHMARKS = {
              "bit-exact weights of a shorter killed-and-resumed run.",
         anchor="the same run's first steps (flatness), a clean build (identity), an uninterrupted run (bit-exactness).",
         results={'soak.md': [0, 1, 2, 3]}),
+    'gpu_check.py': dict(
+        what="The GPU path in one command: the `#| gpu` notebook cells, training throughput of `small` at 8192 x 6, attention "
+             "forward + backward at 8192 and 24576, the memory estimator and length finder, cached generation (see *GPU check* above).",
+        anchor="dense causal flash attention (sdpa) in the same run; bf16 matmul for MFU; measured peaks for the estimator.",
+        needs="one CUDA device; `--dry-run` runs it on CPU",
+        not_run="`results/gpu/`: not yet run on a GPU (`python bench/gpu_check.py` on a machine with one).",
+        results={'gpu/summary.md': [0], 'gpu/gpu_cells.md': [0], 'gpu/train.md': ['Result'], 'gpu/attention.md': [0, 1],
+                 'gpu/memory.md': [0, 1, 2], 'gpu/generate.md': [0]}),
 }
 
 
@@ -80,6 +88,8 @@ def header_line(text: str) -> str:
 def section(script: str, info: dict) -> str:
     lines = [f"### `{script}`", '', f"**Measures**: {info['what']}  ", f"**Anchor**: {info['anchor']}  ",
              f"**Run alone**: `python bench/{script}`" + (f" (needs {info['needs']})" if info.get('needs') else '')]
+    if info.get('not_run') and not any((RESULTS / name).exists() for name in info['results']):
+        return '\n'.join(lines + ['', info['not_run']])
     for name, picks in info['results'].items():
         path = RESULTS / name
         lines.append('')
@@ -100,7 +110,7 @@ def section(script: str, info: dict) -> str:
 
 
 def figures() -> str:
-    scripts = sorted(p.name for p in BENCH.glob('*.py') if p.name != 'summarize.py')
+    scripts = sorted(p.name for p in BENCH.glob('*.py') if p.name != 'summarize.py' and not p.name.startswith('_'))
     order = [s for s in BENCHMARKS if s in scripts] + [s for s in scripts if s not in BENCHMARKS]
     out = []
     for s in order:
