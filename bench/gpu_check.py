@@ -531,6 +531,7 @@ def item_generate(cfg, rep: Report, dry: bool) -> bool:
     counter = RecompileCounter()
     from torch._dynamo.utils import counters
     frames = counters['frames']['total']
+    compiled_ok = True
     try:
         compiled, warm = decode(torch.compile(eager_step, backend=c['backend']))
         rows.append({'step': f"compiled ({c['backend']})", 'tokens/s': f'{compiled:,.1f}', 'vs eager': f'{compiled / eager:.2f}x',
@@ -539,12 +540,13 @@ def item_generate(cfg, rep: Report, dry: bool) -> bool:
     except Exception as e:
         traceback.print_exc()
         rows.append({'step': 'compiled', 'tokens/s': 'not available', 'vs eager': '-', 'warm-up s': '-', 'recompiles': counter.n})
+        compiled_ok = False                           # a check that cannot compile the step has failed, not passed
         note = f"Compiling the one-token step failed with the current code: `{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}`."
     rep.rows(rows)
     if note: rep.add(note)
     if counters['frames']['total'] == frames:        # the check itself is out of date: fail, do not report eager as compiled
         raise RuntimeError("the compiled step was never called: IncrementalDecoder.feed no longer calls meloformer.generate.forward_cached")
-    return True
+    return compiled_ok
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -615,7 +617,7 @@ def main(argv=None) -> int:
         budget = min(budgets[item], left)
         md, log = out / f'{item}.md', out / 'logs' / f'{item}.log'
         if left < 15:
-            summary.append(dict(item=item, status='SKIPPED (no time left in the whole run)', seconds='0', file=md.name)); continue
+            summary.append(dict(item=item, status='SKIPPED (no time left in the whole run)', seconds='0', file='-')); continue
         print(f"== {item} (budget {budget:.0f} s, log {log})", flush=True)
         t0 = time.perf_counter()
         with open(log, 'w') as lf:
