@@ -192,11 +192,14 @@ CADENCE_FIELDS = ('max_steps', 'epochs', 'eval_every', 'eval_batches', 'save_eve
                   'max_bad_steps', 'out_dir', 'resume', 'overwrite', 'report_to', 'compile', 'recompile_limit', 'grad_checkpointing',
                   'attn_backend', 'device')
 
-def run_settings(cfg, schedule=None) -> dict:
-    "The defining settings of a resolved config (`RUN_FIELDS`), as JSON values; `schedule` replaces the `--phases` spec by its table."
+def run_settings(cfg, schedule=None, world_size: int | None = None) -> dict:
+    """The defining settings of a resolved config (`RUN_FIELDS`), as JSON values; `schedule` replaces the `--phases` spec by
+    its table, less each phase's loader workers (a cadence setting); `world_size` (DDP ranks) is defining: it sets the
+    global batch and the rows each rank reads."""
     d = {k: getattr(cfg, k) for k in RUN_FIELDS}
     if d['data_dir']: d['data_dir'] = str(Path(d['data_dir']).resolve())
-    if schedule is not None: d['phases'] = json.loads(schedule.to_json())
+    if schedule is not None: d['phases'] = [{k: v for k, v in row.items() if k != 'num_workers'} for row in json.loads(schedule.to_json())]
+    if world_size is not None: d['world_size'] = world_size
     return d
 
 def run_fingerprint(settings: dict) -> str:
@@ -347,7 +350,7 @@ class Trainer:
         self.step, self.epoch, self.position, self.bad_in_row, self.data_seen = 0, 0, 0, 0, []
         self.seg_len, self.pieces_seen, self._views = None, np.zeros(0, np.int64), {}   # the row length of this epoch's plan, pieces before it
         self.memory, self.phase_steps, self._memory_carry = MemoryTracker(self.device.type), 0, None
-        self.settings = run_settings(cfg, self.schedule); self.fingerprint = run_fingerprint(self.settings)
+        self.settings = run_settings(cfg, self.schedule, self.dist.world_size); self.fingerprint = run_fingerprint(self.settings)
         ckpt = self._claim_folder(cfg)
         self.metrics = MetricsLog(self.out/'metrics.csv', METRIC_FIELDS) if self.dist.main else None
         if ckpt is not None: self._load(ckpt)
