@@ -183,7 +183,19 @@ def resolve_config(cfg: TrainConfig, cuda: bool | None = None) -> TrainConfig:
         if k == 'max_steps' and out.epochs is not None: continue          # --epochs given: it sets the length
         if getattr(out, k) is None: setattr(out, k, v)
     if out.warmup_steps is None: out.warmup_steps = 100
+    _check_counts(out)
     return out
+
+def _check_counts(cfg: TrainConfig):
+    "Counts and cadences that only make sense positive raise `ValueError` naming the flag (0.1 divided by zero or ran anyway)."
+    for k in ('max_steps', 'save_every', 'eval_every', 'eval_batches', 'keep_checkpoints', 'batch_size',
+              'gradient_accumulation_steps', 'max_seq_len'):
+        v = getattr(cfg, k)
+        if v is not None and v < 1: raise ValueError(f"--{k} {v}: must be at least 1")
+    if cfg.epochs is not None and not cfg.epochs > 0: raise ValueError(f"--epochs {cfg.epochs}: must be more than 0")
+    for k in ('warmup_steps', 'num_workers'):
+        v = getattr(cfg, k)
+        if v is not None and v < 0: raise ValueError(f"--{k} {v}: must be 0 or more")
 
 # %% ../nbs/06_train.ipynb
 RUN_FIELDS = ('model_size', 'max_seq_len', 'data_dir', 'transpose', 'seed', 'batch_size', 'gradient_accumulation_steps', 'phases',
