@@ -137,7 +137,7 @@ def write_sample_midi(folder) -> dict[str, list[Path]]:
       drums, bass, piano, guitar, an organ with bars 8-10 empty, trumpet); meter 4/4 -> 3/4 (bar 6) -> 6/8 (bar 10) -> 4/4
       (bar 14) and tempo 100 -> 76 -> 132 BPM at those bar lines;
     - `piano.mid`: one piano track holding all four voices of a chorale, in 3/4 at 66 BPM;
-    - `long.mid`: the same 8 instruments over 12 pairs of chorales in a row (201 bars of 4/4, 34,513 HID
+    - `long.mid`: the same 8 instruments over 12 pairs of chorales in a row (201 bars of 4/4, 34,515 HID
       tokens), for long-context tests (crops at 8192 and 24576 tokens);
     - `bad/`: the broken files readers meet, named by what is wrong: `zero_bytes.mid`, `not_midi.mid`,
       `truncated_header.mid`, `empty.mid` (valid, no notes), `corrupted_control168.mid` (a controller value of 168),
