@@ -12,7 +12,8 @@ import argparse, os, tempfile
 from pathlib import Path
 import numpy as np
 import torch
-from meloformer.attention import MaskConfig, build_masks, attend, mask_stats, BAR, ONSET, PITCH
+from meloformer.attention import MaskConfig, build_masks, attend, mask_stats
+from meloformer.tokenizer import TokenKind
 from meloformer.tokenizer import HIDTokenizer, TokenizerConfig, sample_midi_dir, write_sample_midi
 from _common import machine, median_time
 
@@ -133,7 +134,7 @@ def main():
         'fine (1,2,4,8)': MaskConfig(fine_offsets=(1, 2, 4, 8)),
         'fine (1,2,4,8) + cross (0,)': MaskConfig(fine_offsets=(1, 2, 4, 8), cross_offsets=(0,)),
         'fine (1,2,4,8), cross via summaries': MaskConfig(fine_offsets=(1, 2, 4, 8), cross_offsets=()),
-        'cross kinds onset/pitch/bar': MaskConfig(cross_kinds=(ONSET, PITCH, BAR)),
+        'cross kinds onset/pitch/bar': MaskConfig(cross_kinds=(TokenKind.ONSET, TokenKind.PITCH, TokenKind.BAR)),
     }
     if args.quick: experiments = dict(list(experiments.items())[:3])
 

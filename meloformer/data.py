@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .tokenizer import HIDTokenizer, TokenizerConfig, MidiReadError, META_KEYS, LOSS_KINDS, report_losses, demo_midi_dir, sample_midi_dir
+from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS, LOSS_KINDS, report_losses, demo_midi_dir, sample_midi_dir
 
 # %% auto 0
 __all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'find_midi', 'piece_index', 'encode_file', 'write_shard', 'corpus_losses',
@@ -38,7 +38,7 @@ def piece_index(tok: HIDTokenizer, ids) -> dict:
     ids = np.asarray(ids, np.int64)
     m = tok.annotate(ids)
     n_tracks = int(m['track'].max()) + 1
-    seg_start = np.flatnonzero((m['kind'] == 4) & (m['track'] >= 0))     # bar tokens open the segments
+    seg_start = np.flatnonzero((m['kind'] == TokenKind.BAR) & (m['track'] >= 0))     # bar tokens open the segments
     n_bars = len(seg_start) // n_tracks
     if n_tracks < 1 or n_bars * n_tracks != len(seg_start) or ids[0] != tok.bos_id:
         raise ValueError(f"not a HID stream: {n_tracks} tracks, {len(seg_start)} bar tokens")
@@ -338,13 +338,13 @@ def transpose_ids(tok: HIDTokenizer, ids: np.ndarray, semitones: int, meta: dict
     meta = meta if meta is not None else tok.annotate(ids)
     pitch0, chord0, n_q = tok.ranges['pitch'][0], tok.ranges['chord'][0], (len(tok.ranges['chord']) - 1) // 12
     drum_tracks = meta['track'][np.isin(ids, tok.drum_ids)]              # `#D` and the other kits
-    pitched = (meta['kind'] == 1) & ~np.isin(meta['track'], drum_tracks)
+    pitched = (meta['kind'] == TokenKind.PITCH) & ~np.isin(meta['track'], drum_tracks)
     if not pitched.any() or semitones == 0: return ids, 0
     p = ids[pitched] - pitch0
     shift = int(np.clip(semitones, -p.min(), 127 - p.max()))
     out = ids.copy()
     out[pitched] += shift
-    chord = (meta['kind'] == 4) & (ids > chord0)                    # `N` stays `N`
+    chord = (meta['kind'] == TokenKind.BAR) & (ids > chord0)                    # `N` stays `N`
     c = ids[chord] - chord0 - 1
     out[chord] = chord0 + 1 + ((c // n_q + shift) % 12) * n_q + c % n_q
     return out, shift

@@ -12,7 +12,7 @@ import pandas as pd
 import miditoolkit
 import matplotlib.pyplot as plt
 
-from .tokenizer import (Piece, TokenizerConfig, QUALITIES, read_piece, bar_grid, _layout, _round_half_up)
+from .tokenizer import (Piece, TokenizerConfig, QUALITIES, read_piece, bar_grid, layout_piece, round_half_up)
 
 # %% auto 0
 __all__ = ['SCALES', 'CONSONANT_INTERVALS', 'CHORD_PITCH_CLASSES', 'METRICS', 'KIND_NAMES', 'pitch_class_histogram',
@@ -83,7 +83,7 @@ def empty_beat_rate(src) -> float:
 # %% ../nbs/08_evaluate.ipynb
 def _to_steps(ticks, ticks_per_quarter: int, steps_per_quarter: int) -> np.ndarray:
     "Ticks to grid steps, rounded half up as the tokenizer's grid does."
-    return _round_half_up(np.asarray(ticks, np.float64) * steps_per_quarter / ticks_per_quarter)
+    return round_half_up(np.asarray(ticks, np.float64) * steps_per_quarter / ticks_per_quarter)
 
 def _bars(piece: Piece, steps_per_quarter: int, n_steps: int):
     "Bar start steps and bar lengths (steps) covering `n_steps` grid steps, from the tokenizer's `bar_grid`."
@@ -158,7 +158,7 @@ CHORD_PITCH_CLASSES = _chord_pitch_classes()
 
 def _pitched_layout_notes(piece: Piece, cfg: TokenizerConfig):
     "The tokenizer's layout of `piece` and its notes (track, bar, pos, pitch, ...) with a pitched mask."
-    lay = _layout(cfg, piece)
+    lay = layout_piece(cfg, piece)
     drum = np.array([is_drum for _, is_drum in lay.track_programs])[lay.note['track']]
     return lay, ~drum
 
@@ -282,11 +282,11 @@ def plot_metrics(tables: dict, metrics=METRICS, ncols: int = 5, path=None, dpi: 
 # %% ../nbs/08_evaluate.ipynb
 import argparse, sys, tempfile, time
 import torch
-from .tokenizer import HIDTokenizer
+from .tokenizer import HIDTokenizer, TokenKind
 from .model import MeloFormer, ModelConfig
 from .data import demo_dataset
 
-KIND_NAMES = ('onset', 'pitch', 'duration', 'velocity', 'bar/chord', 'track header', 'other')
+KIND_NAMES = tuple(k.name.lower() for k in TokenKind)         # onset, pitch, ..., track_header, special
 
 @torch.no_grad()
 def loss_by_kind(model, dataset, device='cpu', batch_size: int = 8, max_batches: int | None = None) -> pd.DataFrame:
@@ -296,7 +296,7 @@ def loss_by_kind(model, dataset, device='cpu', batch_size: int = 8, max_batches:
     from meloformer.train import batch_to
     tok, was_training = dataset.tok, model.training
     model.eval()
-    kind_of = torch.as_tensor(tok._kind_of_id)
+    kind_of = torch.as_tensor(tok.kind_of(np.arange(tok.vocab_size)))
     total, count = torch.zeros(len(KIND_NAMES), dtype=torch.float64), torch.zeros(len(KIND_NAMES), dtype=torch.float64)
     for i, batch in enumerate(make_loader(dataset, batch_size, seed=0, epoch=0)):
         if max_batches is not None and i >= max_batches: break
@@ -323,7 +323,7 @@ def _reference_plan(tok, dataset, n_bars: int):
     heads = Counter()
     for i in range(min(len(dataset), 200)):
         ids = dataset.piece(i)
-        heads[tuple(tok.vocab[j] for j in ids[tok._is_program[ids]])] += 1
+        heads[tuple(tok.vocab[j] for j in ids[tok.is_program(ids)])] += 1
     tracks = [h[2:] if not h.startswith('#D') else 'drums' for h in heads.most_common(1)[0][0]]   # '#P40' -> '40', '#D25' -> 'drums'
     ids = dataset.piece(0)
     ts = tok.vocab[int(ids[1])][3:] if tok.vocab[int(ids[1])].startswith('TS_') else '4/4'

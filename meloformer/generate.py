@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from .tokenizer import HIDTokenizer, TokenizerConfig, MidiReadError, META_KEYS
+from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS
 from .attention import MaskMeta, AttnMasks, update_mask, summarize_mask, attend
 from .model import MeloFormer, rope_angles, rope_positions
 
@@ -42,7 +42,7 @@ class DecodeCache:
         full = lambda n, v: torch.full((B, n), v, dtype=torch.long, device=device)
         # unwritten positions: outside every segment and after every query (causal masks them)
         self.meta = MaskMeta(doc=full(self.L, 0), track=full(self.L, -1), bar=full(self.L, -1), seg=full(self.L, -1),
-                             kind=full(self.L, 6), s_doc=full(self.S, 0), s_track=full(self.S, -1), s_bar=full(self.S, -1),
+                             kind=full(self.L, TokenKind.SPECIAL), s_doc=full(self.S, 0), s_track=full(self.S, -1), s_bar=full(self.S, -1),
                              s_end=full(self.S, self.L))          # s_end = L: a summary no query reads yet
         self.length = 0
 
@@ -445,7 +445,7 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
 def bars_per_track(tok: HIDTokenizer, ids) -> list:
     "Bar tokens in each track of an id stream."
     meta = tok.annotate(ids)
-    is_bar = (meta['kind'] == 4) & (meta['track'] >= 0)
+    is_bar = (meta['kind'] == TokenKind.BAR) & (meta['track'] >= 0)
     return np.bincount(meta['track'][is_bar], minlength=int(meta['track'].max()) + 1).tolist() if is_bar.any() else []
 
 # %% ../nbs/07_generate.ipynb

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from safetensors.torch import save_model, load_model
-from .attention import MaskConfig, AttnMasks, SummaryAttention, build_masks, VELOCITY
+from .tokenizer import TokenKind
+from .attention import MaskConfig, AttnMasks, SummaryAttention, build_masks
 
 # %% ../nbs/03_model.ipynb
 _SIZES = dict(
@@ -75,7 +76,7 @@ def rope_positions(cfg: ModelConfig, meta: dict, masks: AttnMasks):
     if cfg.rope == 'seq':
         pos = torch.arange(L, device=m.seg.device).expand(B, L)
         return rope_angles(cfg, pos), rope_angles(cfg, m.s_end.clamp(max=L - 1))
-    is_note = (meta['kind'] <= VELOCITY) & (meta['pos'] >= 0)
+    is_note = (meta['kind'] <= TokenKind.VELOCITY) & (meta['pos'] >= 0)
     in_bar = torch.where(is_note, meta['pos'] * 4 + meta['kind'], 0)
     return (rope_angles(cfg, None, meta['bar'] + 1, in_bar),
             rope_angles(cfg, None, m.s_bar + 1, torch.zeros_like(m.s_bar)))

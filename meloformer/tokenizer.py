@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, dataclasses, gc, importlib.resources, io, json, os, re, struct, sys
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ import symusic
 __all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'BAR_CHANGES', 'META_KEYS', 'LOSS_KINDS', 'demo_midi_dir',
            'sample_midi_dir', 'write_edge_midi', 'write_sample_midi', 'sample_midi', 'MidiReadError', 'TokenizerConfig',
            'Track', 'Piece', 'read_piece', 'bar_grid', 'chords_per_bar', 'pitch_class_weight', 'track_class',
-           'velocity_bin', 'velocity_of_bin', 'tempo_bin', 'Layout', 'AnnotationState', 'HIDTokenizer', 'report_losses',
-           'fuzz_encode', 'seconds_at', 'bar_lines', 'round_trip_fidelity', 'tokenizer_parser', 'main']
+           'round_half_up', 'velocity_bin', 'velocity_of_bin', 'tempo_bin', 'Layout', 'layout_piece', 'TokenKind',
+           'AnnotationState', 'HIDTokenizer', 'report_losses', 'fuzz_encode', 'seconds_at', 'bar_lines',
+           'round_trip_fidelity', 'tokenizer_parser', 'main']
 
 # %% ../nbs/00_tokenizer.ipynb
 def demo_midi_dir() -> Path:
@@ -426,10 +428,12 @@ def track_class(program: int, is_drum: bool) -> int:
     return 3
 
 # %% ../nbs/00_tokenizer.ipynb
-def _round_half_up(x): return np.floor(np.asarray(x, np.float64) + 0.5).astype(np.int64)
+def round_half_up(x) -> np.ndarray:
+    "x (any shape, float ticks or steps) rounded half up to int64: 2.5 -> 3, -2.5 -> -2 (numpy's `round` goes to even)."
+    return np.floor(np.asarray(x, np.float64) + 0.5).astype(np.int64)
 
 def velocity_bin(cfg, velocity): return np.clip((np.asarray(velocity) - 1) * cfg.n_velocity_bins // 127, 0, cfg.n_velocity_bins - 1)
-def velocity_of_bin(cfg, b): return np.clip(_round_half_up((np.asarray(b) + 0.5) * 127 / cfg.n_velocity_bins), 1, 127)
+def velocity_of_bin(cfg, b): return np.clip(round_half_up((np.asarray(b) + 0.5) * 127 / cfg.n_velocity_bins), 1, 127)
 def tempo_bin(cfg, bpm):
     return np.abs(np.log(np.clip(np.asarray(bpm, np.float64), 1e-3, None))[..., None] - np.log(cfg.tempo_bins())).argmin(-1)
 
@@ -448,7 +452,7 @@ class Layout:
 def _tempo_map(cfg: TokenizerConfig, piece: Piece, bar_starts: np.ndarray, piece_end: int, report: dict):
     "Tempo bin at every bar line and the changes inside bars, on the grid; events at or after `piece_end` are dropped."
     scale = cfg.steps_per_quarter / piece.ticks_per_quarter
-    step = np.maximum(_round_half_up(piece.tempos[:, 0] * scale), 0) if len(piece.tempos) else np.zeros(0, np.int64)
+    step = np.maximum(round_half_up(piece.tempos[:, 0] * scale), 0) if len(piece.tempos) else np.zeros(0, np.int64)
     bins = tempo_bin(cfg, piece.tempos[:, 1]) if len(piece.tempos) else np.zeros(0, np.int64)
     bpm = piece.tempos[:, 1] if len(piece.tempos) else np.zeros(0)
     report['tempo_events_clamped'] = int(((bpm < cfg.min_bpm * 0.99) | (bpm > cfg.max_bpm * 1.01)).sum())
@@ -473,7 +477,9 @@ def _tempo_map(cfg: TokenizerConfig, piece: Piece, bar_starts: np.ndarray, piece
     bar = np.searchsorted(bar_starts, step[~on_line], side='right') - 1
     return bar_tempo, dict(bar=bar, pos=step[~on_line] - bar_starts[bar], bin=bins[~on_line])
 
-def _layout(cfg: TokenizerConfig, piece: Piece, source='<piece>') -> Layout:
+def layout_piece(cfg: TokenizerConfig, piece: Piece, source='<piece>') -> Layout:
+    """A piece on the tokenizer's grid (`Layout`: notes in grid steps, bar lines, meters, tempi), as `encode` writes it.
+    `source` names the piece in errors: `MidiReadError` for an unsupported time division, no notes or no valid notes."""
     if piece.ticks_per_quarter <= 0: raise MidiReadError(source, f"unsupported time division {piece.ticks_per_quarter}")
     tracks = [t for t in piece.tracks if len(t.notes)]
     if not tracks: raise MidiReadError(source, "no notes")
@@ -483,9 +489,9 @@ def _layout(cfg: TokenizerConfig, piece: Piece, source='<piece>') -> Layout:
     ok = (notes[:, 0] >= 0) & (notes[:, 2] >= 0) & (notes[:, 2] <= 127)
     notes, track = notes[ok], track[ok]
     if not len(notes): raise MidiReadError(source, "no valid notes (every note has a negative time or a pitch outside 0..127)")
-    onset = _round_half_up(notes[:, 0] * scale)
-    dur_raw = np.maximum(_round_half_up(notes[:, 1] * scale), 1)
-    ts = [(int(s), int(n), int(d)) for s, n, d in zip(_round_half_up(piece.time_signatures[:, 0] * scale),
+    onset = round_half_up(notes[:, 0] * scale)
+    dur_raw = np.maximum(round_half_up(notes[:, 1] * scale), 1)
+    ts = [(int(s), int(n), int(d)) for s, n, d in zip(round_half_up(piece.time_signatures[:, 0] * scale),
                                                         piece.time_signatures[:, 1], piece.time_signatures[:, 2]) if n > 0 and d > 0]
     report = dict(source=str(source), notes_in=int(sum(len(t.notes) for t in piece.tracks)), notes_invalid=int((~ok).sum()))
     bar_starts, bar_ts = bar_grid(cfg, ts, int(onset.max()) + 1)
@@ -590,8 +596,17 @@ def _write_tokens(cfg: TokenizerConfig, vocab_index: dict, ranges: dict, lay: La
     return ids
 
 # %% ../nbs/00_tokenizer.ipynb
-_ONSET, _PITCH, _DUR, _VEL, _CHORD, _TRACK, _OTHER = range(7)
+class TokenKind(IntEnum):
+    "The kind of a token: `annotate(ids)['kind']` holds these values (int64), DESIGN.md's `kind` column."
+    ONSET = 0          # position of a note in its bar (grid steps)
+    PITCH = 1
+    DURATION = 2
+    VELOCITY = 3
+    BAR = 4            # a bar's chord token: opens the segment of one (track, bar)
+    TRACK_HEADER = 5   # a program token (`#P<n>`, `#D<kit>`) or `SEP`
+    SPECIAL = 6        # PAD, BOS, EOS, meter, tempo and `@pos` tokens
 
+# %% ../nbs/00_tokenizer.ipynb
 def _last_per_key(keys, values) -> dict:
     "{key: value} keeping the last value given for each key."
     return dict(zip(np.asarray(keys).tolist(), np.asarray(values).tolist()))
@@ -622,8 +637,8 @@ def _decode(tok, ids) -> miditoolkit.MidiFile:
     kind, track, bar = meta['kind'], meta['track'], meta['bar']
     # a note is four consecutive tokens onset, pitch, duration, velocity inside a bar; anything else is skipped
     n = len(ids)
-    start = np.flatnonzero((kind[:max(n - 3, 0)] == _ONSET) & (bar[:max(n - 3, 0)] >= 0))
-    start = start[(kind[start + 1] == _PITCH) & (kind[start + 2] == _DUR) & (kind[start + 3] == _VEL)]
+    start = np.flatnonzero((kind[:max(n - 3, 0)] == TokenKind.ONSET) & (bar[:max(n - 3, 0)] >= 0))
+    start = start[(kind[start + 1] == TokenKind.PITCH) & (kind[start + 2] == TokenKind.DURATION) & (kind[start + 3] == TokenKind.VELOCITY)]
     prog_at = np.flatnonzero(tok._is_program[ids])
     programs = [tok.program_of(i) for i in ids[prog_at].tolist()]
     # meter and tempo: the last ones before the first track, then the changes among track 0's bar tokens
@@ -679,10 +694,10 @@ def _annotate(tok, ids) -> dict[str, np.ndarray]:
     ids = np.asarray(ids, np.int64).reshape(-1)
     valid = (ids >= 0) & (ids < tok.vocab_size)
     safe = np.where(valid, ids, 0)
-    kind = np.where(valid, tok._kind_of_id[safe], _OTHER)
+    kind = np.where(valid, tok._kind_of_id[safe], TokenKind.SPECIAL)
     is_prog = valid & tok._is_program[safe]
-    is_chord = kind == _CHORD
-    is_onset = kind == _ONSET
+    is_chord = kind == TokenKind.BAR
+    is_onset = kind == TokenKind.ONSET
     outside = ~valid | tok._is_bos_eos_pad[safe]
     track = np.cumsum(is_prog) - 1
     track[outside] = -1
@@ -691,7 +706,7 @@ def _annotate(tok, ids) -> dict[str, np.ndarray]:
     bar[track < 0] = -1
     in_bar = bar >= 0
     seg = np.where(in_bar, np.cumsum(is_chord & (track >= 0)) - 1, -1)
-    is_note = in_bar & (kind <= _VEL)
+    is_note = in_bar & (kind <= TokenKind.VELOCITY)
     note = np.where(is_note, np.cumsum(is_onset & in_bar) - 1, -1)
     idx = np.arange(len(ids))
     last_onset = np.maximum.accumulate(np.where(is_onset, idx, -1))
@@ -709,16 +724,16 @@ class AnnotationState:
     def step(self, i: int) -> dict[str, int]:
         tok = self.tok
         valid = 0 <= i < tok.vocab_size
-        kind = int(tok._kind_of_id[i]) if valid else _OTHER
+        kind = int(tok._kind_of_id[i]) if valid else TokenKind.SPECIAL
         is_prog = valid and bool(tok._is_program[i])
         if is_prog: self.n_programs += 1; self.chords_at_program = self.n_chords; self.last_onset = -1
-        if kind == _CHORD: self.n_chords += 1; self.last_onset = -1
+        if kind == TokenKind.BAR: self.n_chords += 1; self.last_onset = -1
         track = -1 if not valid or tok._is_bos_eos_pad[i] else self.n_programs - 1
         bar = self.n_chords - self.chords_at_program - 1 if track >= 0 else -1
-        if kind == _CHORD and track >= 0: self.n_segments += 1
+        if kind == TokenKind.BAR and track >= 0: self.n_segments += 1
         in_bar = bar >= 0
-        is_note = in_bar and kind <= _VEL
-        if kind == _ONSET:
+        is_note = in_bar and kind <= TokenKind.VELOCITY
+        if kind == TokenKind.ONSET:
             self.last_onset = i - tok.ranges['onset'][0]
             if in_bar: self.n_onsets += 1
         return dict(track=track, bar=bar, seg=self.n_segments - 1 if in_bar else -1, kind=kind,
@@ -733,14 +748,26 @@ class HIDTokenizer:
         self.vocab_index = {t: i for i, t in enumerate(self.vocab)}
         self._group_of = [g for g, rg in self.ranges.items() for _ in rg]
         self._ts_of = {self.vocab_index[f'TS_{n}/{d}']: (n, d) for n, d in self.config.time_signatures()}
-        kind = np.full(self.vocab_size, _OTHER)
-        for g, k in (('onset', _ONSET), ('pitch', _PITCH), ('dur', _DUR), ('vel', _VEL), ('chord', _CHORD), ('program', _TRACK)):
+        kind = np.full(self.vocab_size, TokenKind.SPECIAL)
+        for g, k in (('onset', TokenKind.ONSET), ('pitch', TokenKind.PITCH), ('dur', TokenKind.DURATION), ('vel', TokenKind.VELOCITY), ('chord', TokenKind.BAR), ('program', TokenKind.TRACK_HEADER)):
             kind[self.ranges[g].start:self.ranges[g].stop] = k
-        kind[self.vocab_index['SEP']] = _TRACK
+        kind[self.vocab_index['SEP']] = TokenKind.TRACK_HEADER
         self._kind_of_id = kind
         self._is_program = np.zeros(self.vocab_size, bool); self._is_program[self.ranges['program'].start:self.ranges['program'].stop] = True
         self._is_bos_eos_pad = np.isin(np.arange(self.vocab_size), [self.vocab_index[t] for t in ('PAD', 'BOS', 'EOS')])
         self.drum_ids = np.array([self.ranges['program'][0], *self.ranges['program'][129:]])   # every drum track header
+
+    def kind_of(self, ids) -> np.ndarray:
+        "The `TokenKind` of each id of `ids` (any shape of ints in 0..vocab_size-1) as an int64 array of the same shape; `ValueError` for an id outside the vocabulary."
+        a = np.asarray(ids, np.int64)
+        if a.size and (a.min() < 0 or a.max() >= self.vocab_size): raise ValueError(f"kind_of: ids must be in 0..{self.vocab_size - 1}, got {int(a.min())}..{int(a.max())}")
+        return self._kind_of_id[a].astype(np.int64)
+
+    def is_program(self, ids) -> np.ndarray:
+        "Whether each id of `ids` (any shape, in 0..vocab_size-1) is a track header's program token (`#P..`, `#D..`): bool array of the same shape."
+        a = np.asarray(ids, np.int64)
+        if a.size and (a.min() < 0 or a.max() >= self.vocab_size): raise ValueError(f"is_program: ids must be in 0..{self.vocab_size - 1}, got {int(a.min())}..{int(a.max())}")
+        return self._is_program[a]
 
     def program_of(self, header_id: int) -> tuple[int, bool]:
         "(program, is_drum) of a track header id (`#P33` -> (33, False), `#D` -> (0, True), `#D25` -> (25, True))."
@@ -765,7 +792,7 @@ class HIDTokenizer:
         `max_bar_quarters`), `meter_events_after_end` and `tempo_events_after_end` (after the last kept note's bar),
         `tempo_events_merged` (same grid step, or no change of tempo bin), `drum_kits` (kept), `tracks`, `bars`."""
         source = src if isinstance(src, (str, Path)) else f'<{type(src).__name__}>'
-        lay = _layout(self.config, read_piece(src, reader), source)
+        lay = layout_piece(self.config, read_piece(src, reader), source)
         return _write_tokens(self.config, self.vocab_index, self.ranges, lay), lay.report
 
     def encode(self, src, reader: str = 'symusic') -> np.ndarray:
@@ -855,8 +882,8 @@ def fuzz_encode(tok: HIDTokenizer, files, n: int, seed: int = 0, time_limit_s: f
 def _grid_notes(midi_piece: Piece, cfg: TokenizerConfig) -> np.ndarray:
     scale = cfg.steps_per_quarter / midi_piece.ticks_per_quarter
     # a track is its program and drum flag (a drum track's program is its kit)
-    rows = [np.c_[np.full(len(t.notes), -1 - t.program if t.is_drum else t.program), _round_half_up(t.notes[:, 0] * scale), t.notes[:, 2],
-                  np.minimum(np.maximum(_round_half_up(t.notes[:, 1] * scale), 1), cfg.max_duration_steps),
+    rows = [np.c_[np.full(len(t.notes), -1 - t.program if t.is_drum else t.program), round_half_up(t.notes[:, 0] * scale), t.notes[:, 2],
+                  np.minimum(np.maximum(round_half_up(t.notes[:, 1] * scale), 1), cfg.max_duration_steps),
                   velocity_bin(cfg, t.notes[:, 3])] for t in midi_piece.tracks if len(t.notes)]
     return np.concatenate(rows) if rows else np.zeros((0, 5), np.int64)
 
@@ -902,7 +929,7 @@ def round_trip_fidelity(tok: HIDTokenizer, path) -> dict:
     a, b = _grid_notes(src, cfg), _grid_notes(out, cfg)
     kept = lambda cols: 100 * _matched(a[:, cols], b[:, cols]) / max(len(a), 1)
     # sample tempo (as its bin) and meter at the middle of every bar, in the original and in the decoded file
-    lay = _layout(cfg, src)
+    lay = layout_piece(cfg, src)
     mids = lay.bar_starts + np.array([cfg.bar_steps(*ts) for ts in lay.bar_ts]) / 2
     def tempo_ts_at(piece):
         scale = cfg.steps_per_quarter / piece.ticks_per_quarter
