@@ -480,11 +480,13 @@ def demo_dataset(split: str = 'train', cache_dir=None, **kwargs) -> ShardDataset
     return ShardDataset(prepare_demo(cache_dir), split, **kwargs)
 
 # %% ../nbs/01_data.ipynb
-def length_buckets(max_seq_len: int, multiple: int = 128) -> list[int]:
-    "The padded lengths: multiples of `multiple` of the form 2^k or 3*2^k, up to and including `max_seq_len`."
-    if max_seq_len % multiple: raise ValueError(f"max_seq_len {max_seq_len} is not a multiple of {multiple}")
-    powers = {v for k in range(48) for v in (2**k, 3 * 2**k) if v <= max_seq_len and v % multiple == 0}
-    return sorted(powers | {max_seq_len})
+def length_buckets(max_seq_len: int, multiple: int = 128, exact: bool = False) -> list[int]:
+    """The padded lengths: the multiples of `multiple` of the form 2^k or 3*2^k below `max_seq_len`, and a last one that
+    holds `max_seq_len` tokens: `max_seq_len` rounded up to a multiple of `multiple` (what FlexAttention's block masks
+    need), or with `exact` (sdpa) `max_seq_len` itself. `ValueError` for a length or multiple below 1."""
+    if max_seq_len < 1 or multiple < 1: raise ValueError(f"max_seq_len {max_seq_len}, multiple {multiple}: both must be at least 1")
+    powers = {v for k in range(48) for v in (2**k, 3 * 2**k) if v < max_seq_len and v % multiple == 0}
+    return sorted(powers | {max_seq_len if exact else -(-max_seq_len // multiple) * multiple})
 
 def bucket_of(n: int, buckets: list[int]) -> int:
     "The smallest padded length that holds `n` tokens."
@@ -565,9 +567,9 @@ class PackedBatchSampler(torch.utils.data.Sampler):
 
 # %% ../nbs/01_data.ipynb
 class Collate:
-    "Pad rows to a length from `length_buckets(max_seq_len)` and stack them into LongTensors (B, L)."
-    def __init__(self, pad_id: int, max_seq_len: int, multiple: int = 128):
-        self.pad_id, self.buckets = pad_id, length_buckets(max_seq_len, multiple)
+    "Pad rows to a length from `length_buckets(max_seq_len, multiple, exact)` and stack them into LongTensors (B, L)."
+    def __init__(self, pad_id: int, max_seq_len: int, multiple: int = 128, exact: bool = False):
+        self.pad_id, self.buckets = pad_id, length_buckets(max_seq_len, multiple, exact)
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         length = bucket_of(max(len(r['ids']) for r in rows), self.buckets)
         batch = {}
