@@ -394,9 +394,7 @@ class ShardDataset(torch.utils.data.Dataset):
         if split not in ('train', 'valid', 'all'): raise ValueError(f"split {split!r}: use 'train', 'valid' or 'all'")
         self.tok = HIDTokenizer.load(self.root)
         self.split, self.max_seq_len, self.transpose, self.max_open_shards = split, max_seq_len, transpose, max_open_shards
-        self.shard_names = m['shards']
-        # the data's identity (training records it): meta.json's, or for a build made before digests, computed from the shards
-        self.digest = m.get('digest') or _data_digest(self.tok, m['seed'], m['valid_frac'], [_shard_digest(self.root/'shards'/n) for n in m['shards']])
+        self.shard_names, self._digest = m['shards'], m.get('digest')
         shard, table, hashes = _load_tables(self.root, self.shard_names)
         keep = _first_occurrence(hashes)
         if split != 'all': keep &= _split_valid(hashes, self.meta['seed'], self.meta['valid_frac']) == (split == 'valid')
@@ -404,6 +402,13 @@ class ShardDataset(torch.utils.data.Dataset):
         self._shard, self._table = shard[sel], table[sel]
         self.lengths = self._table[:, 1].copy()                          # whole-piece lengths in tokens
         self._open = OrderedDict()
+
+    @property
+    def digest(self) -> str:
+        "The data's identity, by content (training records it): meta.json's `digest`, or for a build made before digests, computed from the shards once."
+        if self._digest is None:
+            self._digest = _data_digest(self.tok, self.meta['seed'], self.meta['valid_frac'], [_shard_digest(self.root/'shards'/n) for n in self.shard_names])
+        return self._digest
 
     def __len__(self): return len(self._table)
     def __repr__(self): return f"ShardDataset({str(self.root)!r}, split={self.split!r}, pieces={len(self)}, tokens={int(self.lengths.sum())})"
