@@ -62,6 +62,19 @@ _SHARD_ARRAYS = ('tokens', 'table', 'segs', 'bars', 'hashes')
 def _fingerprint(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+def _arrays_digest(arrays: dict) -> str:
+    "SHA-1 (hex) of a shard's content: each array of `_SHARD_ARRAYS` by name, dtype, shape and bytes."
+    h = hashlib.sha1()
+    for name in _SHARD_ARRAYS:
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name} {a.dtype.str} {a.shape}\n".encode()); h.update(a.tobytes())
+    return h.hexdigest()
+
+def _shard_digest(folder: Path, manifest: dict | None = None) -> str:
+    "The content digest of a shard folder: its manifest's, or (a shard written before digests) computed from its arrays."
+    man = manifest if manifest is not None else json.loads((folder/'manifest.json').read_text())
+    return man.get('digest') or _arrays_digest({n: np.load(folder/f'{n}.npy', mmap_mode='r') for n in _SHARD_ARRAYS})
+
 def _plan_fingerprint(tok: HIDTokenizer, rels: list[str]) -> str:
     "What a shard is made from, its files' content aside: the format, the tokenizer config and the file names."
     return _fingerprint(FORMAT_VERSION, tok.config, rels)
@@ -76,15 +89,16 @@ def _sha1_of(path) -> str | None:
     try: return hashlib.sha1(Path(path).read_bytes()).hexdigest()
     except OSError: return None
 
-def _check_sources(files: list[Path], sources) -> list | None:
+def _check_sources(files: list[Path], sources, checksum: bool = False) -> list | None:
     """The records `[size, mtime_ns, sha1]` of `files` now if each still holds what `sources` recorded, else None.
-    A file with its recorded size and time is not read; one whose time moved is read and its SHA-1 compared."""
+    A file with its recorded size and time is not read (rsync's quick check); one whose time moved is read and its SHA-1
+    compared; with `checksum` every file is read and compared (rsync's `--checksum`)."""
     if not isinstance(sources, list) or len(sources) != len(files): return None
     now = []
     for f, rec in zip(files, sources):
         st = _stat(f)                                 # before reading: a later edit moves the time past this record
         if st is None or rec is None or st[0] != rec[0]: return None
-        if st[1] != rec[1] and (rec[2] is None or _sha1_of(f) != rec[2]): return None
+        if (checksum or st[1] != rec[1]) and (rec[2] is None or _sha1_of(f) != rec[2]): return None
         now.append([*st, rec[2]])
     return now
 
@@ -93,13 +107,13 @@ def _write_atomic(path: Path, text: str):
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text); os.replace(tmp, path)
 
-def _shard_is_current(folder: Path, plan: str, files: list[Path], refresh: bool = True) -> bool:
-    """Whether the shard at `folder` is what `files` make now; with `refresh`, records the new time of a file whose
-    content did not change (only the machine that builds a shard writes into it)."""
+def _shard_is_current(folder: Path, plan: str, files: list[Path], refresh: bool = True, checksum: bool = False) -> bool:
+    """Whether the shard at `folder` is what `files` make now (`_check_sources`); with `refresh`, records the new time
+    of a file whose content did not change (only the machine that builds a shard writes into it)."""
     try: man = json.loads((folder/'manifest.json').read_text())
     except (OSError, ValueError): return False
     if man.get('plan') != plan: return False
-    sources = _check_sources(files, man.get('sources'))
+    sources = _check_sources(files, man.get('sources'), checksum)
     if sources is None: return False
     if refresh and sources != man['sources']: _write_atomic(folder/'manifest.json', json.dumps(dict(man, sources=sources), indent=1))
     return True
@@ -116,7 +130,7 @@ def encode_file(tok: HIDTokenizer, path) -> tuple[np.ndarray, dict, int]:
     return _encode_data(tok, path, data, hashlib.sha1(data).digest())
 
 def write_shard(path, pieces: list[tuple], manifest: dict) -> Path:
-    "Write `pieces` (ids, index, hash) as one shard folder at `path`, atomically (temporary folder + rename)."
+    "Write `pieces` (ids, index, hash) as one shard folder at `path`, atomically (temporary folder + rename); the manifest gets the arrays' `digest`."
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     if tmp.exists(): shutil.rmtree(tmp)
@@ -133,7 +147,7 @@ def write_shard(path, pieces: list[tuple], manifest: dict) -> Path:
                   bars=cat([np.stack([ix['bar_ts'], ix['bar_bpm']], 1) for _, ix, _ in pieces], np.uint16, (0, 2)),
                   hashes=np.array([h for _, _, h in pieces], np.uint64))
     for name, a in arrays.items(): np.save(tmp/f'{name}.npy', a)
-    (tmp/'manifest.json').write_text(json.dumps(manifest, indent=1))
+    (tmp/'manifest.json').write_text(json.dumps(dict(manifest, digest=_arrays_digest(arrays)), indent=1))
     if path.exists(): shutil.rmtree(path)        # a stale shard (its files changed): replaced whole
     os.replace(tmp, path)
     return path
@@ -215,11 +229,16 @@ def _build_command(meta: dict, root) -> str:
         if meta.get(flag) is not None and meta[flag] != default: args += [f'--{flag}', str(meta[flag])]
     return 'python -m meloformer.data ' + ' '.join(shlex.quote(a) for a in args)
 
+def _data_digest(tok: HIDTokenizer, seed: int, valid_frac: float, shard_digests: list[str]) -> str:
+    "The identity of a build's data, what training reads: shard format, tokenizer config, split, and each shard's content in order."
+    return _fingerprint(FORMAT_VERSION, tok.config.__dict__, seed, valid_frac, shard_digests)
+
 def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05, expected_shards: int | None = None, src=None,
                shards: list[str] | None = None, files_per_shard: int | None = None) -> dict:
     """Summarize a build's shards under `root` into `meta.json` (counts per split, skipped files, losses), `skipped.jsonl`
     (one `{"file", "reason"}` per line) and `losses.jsonl`. `shards`: the build's shards that are present and up to date
-    (default: every shard folder); `complete` is True when none of `shard-00000` .. `expected_shards - 1` is missing.
+    (default: every shard folder); `complete` is True when none of `shard-00000` .. `expected_shards - 1` is missing;
+    `digest` identifies the data by content (`_data_digest`): a moved copy keeps it, a build with other content has another.
     Returns the `meta.json` contents plus `skipped_files`, the `[file, reason]` of every skipped file."""
     root = Path(root)
     names = _shard_names(root) if shards is None else list(shards)
@@ -229,15 +248,16 @@ def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05,
     counts = {}
     for split, sel in (('train', unique & ~valid), ('valid', unique & valid)):
         counts[split] = dict(pieces=int(sel.sum()), tokens=int(table[sel, 1].sum()), segments=int((table[sel, 2] * table[sel, 3]).sum()))
-    skipped, n_files, losses = [], 0, {}
+    skipped, n_files, losses, digests = [], 0, {}, []
     for n in names:
         man = json.loads((root/'shards'/n/'manifest.json').read_text())
         skipped += man['skipped']; n_files += len(man['files']); losses.update(man.get('losses', {}))
+        digests.append(_shard_digest(root/'shards'/n, man))
     present = set(names)
     missing = [n for n in (f'shard-{j:05d}' for j in range(expected_shards or 0)) if n not in present]
     meta = dict(format=FORMAT_VERSION, tokenizer=tok.config.__dict__, vocab_size=tok.vocab_size, token_dtype='uint16',
                 src=str(src) if src else None, files_per_shard=files_per_shard, seed=seed, valid_frac=valid_frac, shards=names,
-                expected_shards=expected_shards, missing=missing, complete=not missing,
+                expected_shards=expected_shards, missing=missing, complete=not missing, digest=_data_digest(tok, seed, valid_frac, digests),
                 files=n_files, skipped=len(skipped), duplicates=int((~unique).sum()), counts=counts, losses=corpus_losses(losses))
     tok.save(root)
     _write_atomic(root/'skipped.jsonl', ''.join(json.dumps(dict(file=f, reason=r)) + '\n' for f, r in skipped))
@@ -248,8 +268,12 @@ def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05,
 
 # %% ../nbs/01_data.ipynb
 def build_corpus(src, out, workers: int = 0, valid_frac: float = 0.05, seed: int = 0, files_per_shard: int = 1000,
-                 num_shards: int = 1, shard_index: int = 0, tok: HIDTokenizer | None = None, progress: bool = True) -> dict:
-    "Tokenize every MIDI file under `src` into shards under `out` (resumable; this machine builds shards j with j % num_shards == shard_index)."
+                 num_shards: int = 1, shard_index: int = 0, tok: HIDTokenizer | None = None, progress: bool = True,
+                 checksum: bool = False) -> dict:
+    """Tokenize every MIDI file under `src` into shards under `out` (resumable; this machine builds shards j with
+    j % num_shards == shard_index). A shard is reused when its files have the recorded size and modification time
+    (rsync's quick check; a moved time alone costs one read and a SHA-1); `checksum` reads every file and compares its
+    SHA-1, which also catches an edit of the same size whose time was set back (`touch -d`)."""
     src, out = Path(src), Path(out)
     tok = tok or HIDTokenizer()
     if tok.vocab_size > 2**16: raise ValueError(f"vocabulary of {tok.vocab_size} does not fit uint16 shards")
@@ -273,7 +297,7 @@ def build_corpus(src, out, workers: int = 0, valid_frac: float = 0.05, seed: int
     current, todo = set(), []
     for j, chunk in enumerate(chunks):
         plan = _plan_fingerprint(tok, [rels[i] for i in chunk])
-        if _shard_is_current(out/'shards'/names[j], plan, [files[i] for i in chunk], refresh=mine(j)): current.add(j); run['reused'] += mine(j)
+        if _shard_is_current(out/'shards'/names[j], plan, [files[i] for i in chunk], mine(j), checksum): current.add(j); run['reused'] += mine(j)
         elif mine(j): todo.append((j, chunk, plan))
     pool = multiprocessing.get_context('fork').Pool(workers, _init_worker, (tok.config.__dict__,)) if workers > 0 and todo else None
     if pool is None: _init_worker(tok.config.__dict__)
@@ -370,7 +394,7 @@ class ShardDataset(torch.utils.data.Dataset):
         if split not in ('train', 'valid', 'all'): raise ValueError(f"split {split!r}: use 'train', 'valid' or 'all'")
         self.tok = HIDTokenizer.load(self.root)
         self.split, self.max_seq_len, self.transpose, self.max_open_shards = split, max_seq_len, transpose, max_open_shards
-        self.shard_names = m['shards']
+        self.shard_names, self._digest = m['shards'], m.get('digest')
         shard, table, hashes = _load_tables(self.root, self.shard_names)
         keep = _first_occurrence(hashes)
         if split != 'all': keep &= _split_valid(hashes, self.meta['seed'], self.meta['valid_frac']) == (split == 'valid')
@@ -378,6 +402,13 @@ class ShardDataset(torch.utils.data.Dataset):
         self._shard, self._table = shard[sel], table[sel]
         self.lengths = self._table[:, 1].copy()                          # whole-piece lengths in tokens
         self._open = OrderedDict()
+
+    @property
+    def digest(self) -> str:
+        "The data's identity, by content (training records it): meta.json's `digest`, or for a build made before digests, computed from the shards once."
+        if self._digest is None:
+            self._digest = _data_digest(self.tok, self.meta['seed'], self.meta['valid_frac'], [_shard_digest(self.root/'shards'/n) for n in self.shard_names])
+        return self._digest
 
     def __len__(self): return len(self._table)
     def __repr__(self): return f"ShardDataset({str(self.root)!r}, split={self.split!r}, pieces={len(self)}, tokens={int(self.lengths.sum())})"
@@ -454,11 +485,13 @@ def demo_dataset(split: str = 'train', cache_dir=None, **kwargs) -> ShardDataset
     return ShardDataset(prepare_demo(cache_dir), split, **kwargs)
 
 # %% ../nbs/01_data.ipynb
-def length_buckets(max_seq_len: int, multiple: int = 128) -> list[int]:
-    "The padded lengths: multiples of `multiple` of the form 2^k or 3*2^k, up to and including `max_seq_len`."
-    if max_seq_len % multiple: raise ValueError(f"max_seq_len {max_seq_len} is not a multiple of {multiple}")
-    powers = {v for k in range(48) for v in (2**k, 3 * 2**k) if v <= max_seq_len and v % multiple == 0}
-    return sorted(powers | {max_seq_len})
+def length_buckets(max_seq_len: int, multiple: int = 128, exact: bool = False) -> list[int]:
+    """The padded lengths: the multiples of `multiple` of the form 2^k or 3*2^k below `max_seq_len`, and a last one that
+    holds `max_seq_len` tokens: `max_seq_len` rounded up to a multiple of `multiple` (what FlexAttention's block masks
+    need), or with `exact` (sdpa) `max_seq_len` itself. `ValueError` for a length or multiple below 1."""
+    if max_seq_len < 1 or multiple < 1: raise ValueError(f"max_seq_len {max_seq_len}, multiple {multiple}: both must be at least 1")
+    powers = {v for k in range(48) for v in (2**k, 3 * 2**k) if v < max_seq_len and v % multiple == 0}
+    return sorted(powers | {max_seq_len if exact else -(-max_seq_len // multiple) * multiple})
 
 def bucket_of(n: int, buckets: list[int]) -> int:
     "The smallest padded length that holds `n` tokens."
@@ -539,9 +572,9 @@ class PackedBatchSampler(torch.utils.data.Sampler):
 
 # %% ../nbs/01_data.ipynb
 class Collate:
-    "Pad rows to a length from `length_buckets(max_seq_len)` and stack them into LongTensors (B, L)."
-    def __init__(self, pad_id: int, max_seq_len: int, multiple: int = 128):
-        self.pad_id, self.buckets = pad_id, length_buckets(max_seq_len, multiple)
+    "Pad rows to a length from `length_buckets(max_seq_len, multiple, exact)` and stack them into LongTensors (B, L)."
+    def __init__(self, pad_id: int, max_seq_len: int, multiple: int = 128, exact: bool = False):
+        self.pad_id, self.buckets = pad_id, length_buckets(max_seq_len, multiple, exact)
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         length = bucket_of(max(len(r['ids']) for r in rows), self.buckets)
         batch = {}
@@ -570,6 +603,9 @@ def data_parser() -> argparse.ArgumentParser:
     p.add_argument('--files_per_shard', type=int, default=1000, help="files per shard (the unit of resume and of --num_shards)")
     p.add_argument('--num_shards', type=int, default=1, help="split the shards between this many machines ...")
     p.add_argument('--shard_index', type=int, default=0, help="... and build the shards j with j %% num_shards == shard_index")
+    p.add_argument('--checksum', action='store_true', help="read every file and compare its SHA-1 before reusing a shard (rsync's --checksum); "
+                   "without it a file of the recorded size and modification time counts as unchanged (rsync's quick check), so an edit "
+                   "of the same size whose time was set back (touch -d) is not seen")
     p.add_argument('--no_progress', action='store_true', help="no progress bar")
     return p
 
@@ -588,7 +624,7 @@ def main(argv=None) -> int:
     args = data_parser().parse_args(argv)
     try:
         res = build_corpus(args.src, args.out, args.workers, args.valid_frac, args.seed, args.files_per_shard,
-                           args.num_shards, args.shard_index, progress=not args.no_progress)
+                           args.num_shards, args.shard_index, progress=not args.no_progress, checksum=args.checksum)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
     for f, reason in res['skipped_files']: print(f"skipped {_printable(f)}: {reason}", file=sys.stderr)

@@ -148,26 +148,82 @@ class IncrementalDecoder:
         return forward_cached(self.model, c, ids.to(self.device), meta, slots)
 
 # %% ../nbs/07_generate.ipynb
+def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+def _ids(values, name: str) -> list[int]:
+    "`values` as a list of Python ints; `ValueError` naming the field otherwise."
+    if isinstance(values, (str, bytes)) or not hasattr(values, '__iter__'): raise ValueError(f"{name} {values!r}: a list of token ids")
+    values = list(values)
+    for k, v in enumerate(values):
+        if not _is_int(v): raise ValueError(f"{name}[{k}] {v!r}: a token id (an integer), not {type(v).__name__}")
+    return [int(v) for v in values]
+
 @dataclass
 class TrackPlan:
     "A track to write: its header token and the tokens forced after its `SEP` (a prompt's bars; empty: all sampled)."
     program: int
     prompt: list = field(default_factory=list)
 
+    def __post_init__(self):
+        if not _is_int(self.program): raise ValueError(f"TrackPlan.program {self.program!r}: a track header id (an integer; `track_token` makes one)")
+        self.program, self.prompt = int(self.program), _ids(self.prompt, 'TrackPlan.prompt')
+
 @dataclass
 class Plan:
-    "What a generated piece must be: a forced global header, the tracks (None: the model picks), the bar count."
+    """What a generated piece must be: a forced global header, the tracks (None: the model picks), the bar count.
+    Its form is checked here, its tokens against a tokenizer by `check` (as `Grammar`, hence `generate`, does): a
+    `ValueError` names the field and what it may hold."""
     header: list | None = None          # BOS TS BPM ids; None: the model picks meter and tempo
     tracks: list | None = None          # list[TrackPlan]; None: the model picks programs and how many tracks
     n_bars: int | None = None           # None: the first track's bar count fixes it
     prefix_len: int = 0                 # leading tokens identical for every sample (fed as one prompt chunk)
+
+    def __post_init__(self):
+        if self.header is not None:
+            self.header = _ids(self.header, 'Plan.header')
+            if len(self.header) != 3: raise ValueError(f"Plan.header {self.header}: 3 ids (BOS, a meter TS_*, a tempo BPM_*), or None")
+        if self.tracks is not None:
+            if isinstance(self.tracks, (str, bytes, TrackPlan)) or not hasattr(self.tracks, '__iter__'):
+                raise ValueError(f"Plan.tracks {self.tracks!r}: a list of TrackPlan, or None (the model picks)")
+            self.tracks = list(self.tracks)
+            if not self.tracks: raise ValueError("Plan.tracks []: at least one TrackPlan, or None (the model picks)")
+            for k, t in enumerate(self.tracks):
+                if not isinstance(t, TrackPlan): raise ValueError(f"Plan.tracks[{k}] {t!r}: a TrackPlan")
+        if self.n_bars is not None and (not _is_int(self.n_bars) or self.n_bars < 1):
+            raise ValueError(f"Plan.n_bars {self.n_bars!r}: at least 1, or None (the first track's bar count)")
+        if not _is_int(self.prefix_len) or self.prefix_len < 0: raise ValueError(f"Plan.prefix_len {self.prefix_len!r}: 0 or more")
+
+    def check(self, tok: HIDTokenizer) -> 'Plan':
+        "`ValueError` naming the first field whose tokens `tok` cannot write where the plan puts them; else the plan."
+        r, cfg = tok.ranges, tok.config
+        span = lambda g: f"{tok.vocab[r[g].start]}..{tok.vocab[r[g].stop - 1]}, ids {r[g].start}..{r[g].stop - 1}"
+        if self.header is not None:
+            for k, (want, what) in enumerate(((None, 'BOS'), ('ts', 'a meter'), ('bpm', 'a tempo'))):
+                i = self.header[k]
+                if (want is None and i != tok.bos_id) or (want is not None and i not in r[want]):
+                    raise ValueError(f"Plan.header[{k}] {i}: {what} token ({'id ' + str(tok.bos_id) if want is None else span(want)})")
+        if self.n_bars is not None and self.n_bars > cfg.max_bars: raise ValueError(f"Plan.n_bars {self.n_bars}: at most {cfg.max_bars} (the tokenizer's max_bars)")
+        if self.tracks is None: return self
+        if len(self.tracks) > cfg.max_tracks: raise ValueError(f"Plan.tracks: {len(self.tracks)} tracks, at most {cfg.max_tracks} (the tokenizer's max_tracks)")
+        body = ('chord', 'ts', 'bpm', 'tempo_at', 'onset', 'pitch', 'dur', 'vel')   # what follows a track's SEP
+        for k, t in enumerate(self.tracks):
+            if t.program not in r['program']: raise ValueError(f"Plan.tracks[{k}].program {t.program}: a track header token ({span('program')})")
+            kinds = body if k == 0 else [g for g in body if g not in ('ts', 'bpm', 'tempo_at')]   # meter and tempo live in track 0
+            for j, i in enumerate(t.prompt):
+                if not any(i in r[g] for g in kinds):
+                    name = tok.vocab[i] if 0 <= i < tok.vocab_size else f'outside the vocabulary of {tok.vocab_size}'
+                    raise ValueError(f"Plan.tracks[{k}].prompt[{j}] {i} ({name}): not a token of {'track 0' if k == 0 else 'a track after the first'}'s bars ({', '.join(kinds)})")
+            if t.prompt and t.prompt[0] not in r['chord']: raise ValueError(f"Plan.tracks[{k}].prompt[0] {t.prompt[0]} ({tok.vocab[t.prompt[0]]}): a prompt starts with a bar (chord) token")
+            bars = sum(i in r['chord'] for i in t.prompt)
+            if self.n_bars is not None and bars > self.n_bars: raise ValueError(f"Plan.tracks[{k}].prompt: {bars} bars, more than Plan.n_bars {self.n_bars}")
+        return self
 
 # %% ../nbs/07_generate.ipynb
 class Grammar:
     "The token grammar of the HID stream plus a `Plan`: `state()` gives a `GrammarState` that masks invalid next tokens."
     def __init__(self, tok: HIDTokenizer, plan: Plan | None = None, max_len: int = 4096, max_tracks: int | None = None,
                  max_bar_notes: int | None = None):
-        self.tok, self.plan, self.max_len, self.max_bar_notes = tok, plan or Plan(), max_len, max_bar_notes
+        self.tok, self.plan, self.max_len, self.max_bar_notes = tok, (plan or Plan()).check(tok), max_len, max_bar_notes
         self.max_tracks = max_tracks or tok.config.max_tracks
         r, V = tok.ranges, tok.vocab_size
         self.r, self.V = r, V
@@ -350,8 +406,11 @@ def _track_order(tok, header_id) -> int:
 def plan_from_scratch(tok: HIDTokenizer, tracks=('drums', 'bass', 'piano'), n_bars: int = 8, ts: str = '4/4', bpm: float = 120.0) -> Plan:
     "A new piece: chosen tracks (in the tokenizer's drums-bass-harmony-melody order), bar count, meter and tempo."
     from meloformer.tokenizer import tempo_bin
+    cfg = tok.config
     if f'TS_{ts}' not in tok.vocab_index: raise ValueError(f"unsupported time signature {ts!r} (e.g. 4/4, 3/4, 6/8)")
-    if n_bars < 1: raise ValueError(f"bars must be >= 1, not {n_bars}")
+    if not _is_int(n_bars) or not 1 <= n_bars <= cfg.max_bars: raise ValueError(f"bars {n_bars!r}: 1..{cfg.max_bars} (the tokenizer's max_bars)")
+    if not (isinstance(bpm, (int, float, np.number)) and cfg.min_bpm <= bpm <= cfg.max_bpm):
+        raise ValueError(f"bpm {bpm!r}: {cfg.min_bpm:g}..{cfg.max_bpm:g} (the tokenizer's tempo range)")
     heads = sorted((track_token(tok, t) for t in tracks), key=lambda h: _track_order(tok, h))
     if not heads: raise ValueError("no tracks to write")
     header = [tok.bos_id, tok.vocab_index[f'TS_{ts}'], tok.ranges['bpm'][0] + int(tempo_bin(tok.config, bpm))]
@@ -390,6 +449,17 @@ def forced_prefix(grammar: Grammar) -> list:
     return out
 
 # %% ../nbs/07_generate.ipynb
+def _check_sampling(num_samples, temperature, top_k, top_p, seed, max_len, max_bar_notes):
+    "`ValueError` naming the first argument of `generate` outside its range (0.1 crashed later, or sampled nothing)."
+    if not _is_int(seed): raise ValueError(f"generate: seed {seed!r}: an integer")
+    for name, v, low, none_ok in (('num_samples', num_samples, 1, False), ('top_k', top_k, 0, False),
+                                  ('max_len', max_len, 1, True), ('max_bar_notes', max_bar_notes, 1, True)):
+        if (v is None and not none_ok) or (v is not None and (not _is_int(v) or v < low)):
+            raise ValueError(f"generate: {name} {v!r}: an integer >= {low}{' or None' if none_ok else ''}")
+    if not (isinstance(temperature, (int, float, np.number)) and 0 <= temperature < float('inf')):
+        raise ValueError(f"generate: temperature {temperature!r}: 0 (greedy) or more")
+    if not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1): raise ValueError(f"generate: top_p {top_p!r}: in (0, 1]")
+
 def default_max_len(plan: Plan, tok: HIDTokenizer, max_bar_notes: int = 32) -> int:
     "Room for the forced tokens and `max_bar_notes` notes in every sampled bar (8192 tokens when the plan is open)."
     if plan.tracks is None or plan.n_bars is None: return 8192
@@ -406,8 +476,11 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     Stats: `prefix_tokens` (per sample, fed as one chunk), `fixed_tokens` (all samples: tokens the grammar left no choice
     in: the plan's header and prompt bars, `SEP`s, a track header, bar or `EOS` where nothing else may come), `sampled_tokens`
     (all samples: drawn from the model among several allowed), `seconds`, `prefill_s` and `tokens_per_s` (sampled tokens
-    per second of the whole call). Raises `ValueError` when `max_len` cannot hold the shortest piece of the plan."""
+    per second of the whole call). Raises `ValueError` naming the argument or plan field that is out of range
+    (`num_samples` >= 1, `max_len` >= 1, `temperature` >= 0, `top_k` >= 0, `top_p` in (0, 1], `max_bar_notes` >= 1,
+    `Plan.check`), and when `max_len` cannot hold the shortest piece of the plan."""
     from tqdm.auto import tqdm
+    _check_sampling(num_samples, temperature, top_k, top_p, seed, max_len, max_bar_notes)
     plan = plan or Plan()
     max_len = max_len or default_max_len(plan, tok, max_bar_notes or 32)
     grammar = Grammar(tok, plan, max_len, max_bar_notes=max_bar_notes)

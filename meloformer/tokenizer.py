@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_tokenizer.ipynb 3
 from __future__ import annotations
-import argparse, dataclasses, gc, importlib.resources, io, json, os, re, struct, sys
+import argparse, dataclasses, gc, importlib.resources, io, json, operator, os, re, struct, sys
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -611,25 +611,31 @@ def _last_per_key(keys, values) -> dict:
     "{key: value} keeping the last value given for each key."
     return dict(zip(np.asarray(keys).tolist(), np.asarray(values).tolist()))
 
-def _decode_ids(ids, vocab_size: int) -> np.ndarray:
-    "ids as a 1-D int64 array; `ValueError` for a batch (not 1-D), a value that is not an integer or does not fit in int64."
+def _id_array(ids, vocab_size: int, what: str = 'decode') -> np.ndarray:
+    "ids as a 1-D int64 array; `ValueError` (naming `what`) for a batch (not 1-D), a value that is not an integer or does not fit in int64."
     try: a = np.asarray(ids)
-    except ValueError as e: raise ValueError(f"decode takes one sequence of integer ids: {e}") from None
-    if a.ndim == 0: raise ValueError(f"decode takes a sequence of ids, not the single value {a.item()!r}")
-    if a.ndim != 1: raise ValueError(f"decode takes one sequence of ids (1-D), not an array of shape {a.shape}: decode each row of a batch")
+    except ValueError as e: raise ValueError(f"{what} takes one sequence of integer ids: {e}") from None
+    if a.ndim == 0: raise ValueError(f"{what} takes a sequence of ids, not the single value {a.item()!r}")
+    each = 'name' if what == 'tokens' else what
+    if a.ndim != 1: raise ValueError(f"{what} takes one sequence of ids (1-D), not an array of shape {a.shape}: {each} each row of a batch")
     if a.size == 0: return np.zeros(0, np.int64)
     if a.dtype.kind == 'u' and int(a.max()) > np.iinfo(np.int64).max or a.dtype == object:
         # numpy keeps ints beyond int64 as Python objects (or uint64): name the first one
         for k, v in enumerate(a.tolist()):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-                raise ValueError(f"decode: id at position {k} is {type(v).__name__} {v!r}, not an integer")
-            if not -2**63 <= v < 2**63: raise ValueError(f"decode: id {v} at position {k} does not fit in int64 (the vocabulary is 0..{vocab_size - 1})")
-    elif a.dtype.kind not in 'iu': raise ValueError(f"decode: ids must be integers, not {a.dtype}")
+                raise ValueError(f"{what}: id at position {k} is {type(v).__name__} {v!r}, not an integer")
+            if not -2**63 <= v < 2**63: raise ValueError(f"{what}: id {v} at position {k} does not fit in int64 (the vocabulary is 0..{vocab_size - 1})")
+    elif a.dtype.kind not in 'iu': raise ValueError(f"{what}: ids must be integers, not {a.dtype}")
     return a.astype(np.int64)
+
+def _one_id(i, vocab_size: int, what: str) -> int:
+    "One integer id (any integer type); `ValueError` for anything else (a float id is not truncated)."
+    try: return operator.index(i)
+    except TypeError: raise ValueError(f"{what}: id {i!r} is not an integer (the vocabulary is 0..{vocab_size - 1})") from None
 
 def _decode(tok, ids) -> miditoolkit.MidiFile:
     cfg, r = tok.config, tok.ranges
-    ids = _decode_ids(ids, tok.vocab_size)
+    ids = _id_array(ids, tok.vocab_size)
     ids = ids[(ids >= 0) & (ids < tok.vocab_size)]
     eos = np.flatnonzero(ids == tok.eos_id)
     ids = ids[:eos[0]] if len(eos) else ids
@@ -691,7 +697,7 @@ def _decode(tok, ids) -> miditoolkit.MidiFile:
 META_KEYS = ('track', 'bar', 'seg', 'kind', 'note', 'pos')
 
 def _annotate(tok, ids) -> dict[str, np.ndarray]:
-    ids = np.asarray(ids, np.int64).reshape(-1)
+    ids = _id_array(ids, tok.vocab_size, 'annotate')
     valid = (ids >= 0) & (ids < tok.vocab_size)
     safe = np.where(valid, ids, 0)
     kind = np.where(valid, tok._kind_of_id[safe], TokenKind.SPECIAL)
@@ -723,6 +729,7 @@ class AnnotationState:
         self.last_onset = -1
     def step(self, i: int) -> dict[str, int]:
         tok = self.tok
+        i = _one_id(i, tok.vocab_size, 'annotation_state().step')
         valid = 0 <= i < tok.vocab_size
         kind = int(tok._kind_of_id[i]) if valid else TokenKind.SPECIAL
         is_prog = valid and bool(tok._is_program[i])
@@ -771,8 +778,9 @@ class HIDTokenizer:
 
     def program_of(self, header_id: int) -> tuple[int, bool]:
         "(program, is_drum) of a track header id (`#P33` -> (33, False), `#D` -> (0, True), `#D25` -> (25, True))."
-        k = int(header_id) - self.ranges['program'][0]
-        if not 0 <= k < len(self.ranges['program']): raise ValueError(f"{header_id} is not a track header id")
+        r = self.ranges['program']
+        k = _one_id(header_id, self.vocab_size, 'program_of') - r.start
+        if not 0 <= k < len(r): raise ValueError(f"{header_id} is not a track header id (ids {r.start}..{r.stop - 1})")
         return (0, True) if k == 0 else (k - 1, False) if k <= 128 else (k - 128, True)
 
     @property
@@ -805,11 +813,17 @@ class HIDTokenizer:
         return _decode(self, ids)
 
     def annotate(self, ids) -> dict[str, np.ndarray]:
-        "Per-token metadata (`track`, `bar`, `seg`, `kind`, `note`, `pos`) as int64 arrays."
+        """Per-token metadata (`track`, `bar`, `seg`, `kind`, `note`, `pos`) as int64 arrays, for one sequence (1-D) of integer ids;
+        an id outside the vocabulary is outside every track (-1), as PAD is. `ValueError` for a batch (2-D) or a non-integer."""
         return _annotate(self, ids)
 
     def annotation_state(self) -> AnnotationState: return AnnotationState(self)
-    def tokens(self, ids) -> list[str]: return [self.vocab[i] for i in np.asarray(ids).tolist()]
+    def tokens(self, ids) -> list[str]:
+        "The names of a sequence of ids; `ValueError` naming the first id outside `0..vocab_size - 1` (never Python's negative indexing)."
+        a = _id_array(ids, self.vocab_size, 'tokens')
+        bad = np.flatnonzero((a < 0) | (a >= self.vocab_size))
+        if len(bad): raise ValueError(f"tokens: id {a[bad[0]]} at position {bad[0]} is not in the vocabulary (0..{self.vocab_size - 1}, vocab_size {self.vocab_size})")
+        return [self.vocab[i] for i in a.tolist()]
 
     def save(self, directory) -> Path:
         "Write `tokenizer.json` (format version, config and vocabulary) into `directory`."

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 # %% auto 0
 __all__ = ['CKPT_PREFIX', 'CPU_DEFAULTS', 'CUDA_DEFAULTS', 'RUN_FIELDS', 'CADENCE_FIELDS', 'METRIC_FIELDS', 'RUN_FILES',
-           'rng_state', 'set_rng_state', 'list_checkpoints', 'save_checkpoint', 'load_checkpoint', 'lr_lambda',
-           'MetricsLog', 'plot_losses', 'TrainConfig', 'resolve_config', 'run_settings', 'run_fingerprint',
+           'rng_state', 'set_rng_state', 'list_checkpoints', 'save_checkpoint', 'CheckpointError', 'load_checkpoint',
+           'lr_lambda', 'MetricsLog', 'plot_losses', 'TrainConfig', 'resolve_config', 'run_settings', 'run_fingerprint',
            'settings_diff', 'batch_to', 'lm_loss', 'evaluate_loss', 'Dist', 'setup_distributed', 'steps_for_epochs',
            'EpochRest', 'Trainer', 'train', 'train_parser', 'main']
 
@@ -52,19 +52,30 @@ def list_checkpoints(out_dir, run_id: str | None = ...) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 def save_checkpoint(out_dir, step: int, state: dict, keep: int = 3, run_id: str | None = None) -> Path:
-    "Atomically write `state` as `out_dir/ckpt-{step:08d}-{run_id}.pt`; keep this run's newest `keep` by step."
+    """Atomically write `state` as `out_dir/ckpt-{step:08d}-{run_id}.pt` (a temporary file, fsync, `os.replace`: a kill or a
+    full disk mid-write leaves no file under a checkpoint's name); keep this run's newest `keep` by step."""
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     path = out/_ckpt_name(step, run_id); tmp = out/f'.{path.name}.tmp'
-    torch.save(state, tmp)
-    with open(tmp, 'rb') as f: os.fsync(f.fileno())
+    try:
+        torch.save(state, tmp)
+        with open(tmp, 'rb') as f: os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True); raise
     os.replace(tmp, path)
     for old in list_checkpoints(out, run_id)[:-keep] if keep > 0 else []: old.unlink()
     return path
 
+class CheckpointError(ValueError):
+    "A checkpoint file that cannot be read whole (cut short by a kill during a copy, a full disk, not a checkpoint): `path: reason`."
+
 def load_checkpoint(path) -> dict:
-    "A checkpoint written by `save_checkpoint` (weights-only unpickling)."
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    state['rng']['python'] = _to_tuple(state['rng']['python'])
+    "A checkpoint written by `save_checkpoint` (weights-only unpickling); `CheckpointError` naming the file when it cannot be read whole."
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        state['rng']['python'] = _to_tuple(state['rng']['python'])
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:160]      # the first sentence of the reader's complaint
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from None
     return state
 
 # %% ../nbs/06_train.ipynb
@@ -198,18 +209,20 @@ def _check_counts(cfg: TrainConfig):
         if v is not None and v < 0: raise ValueError(f"--{k} {v}: must be 0 or more")
 
 # %% ../nbs/06_train.ipynb
-RUN_FIELDS = ('model_size', 'max_seq_len', 'data_dir', 'transpose', 'seed', 'batch_size', 'gradient_accumulation_steps', 'phases',
+RUN_FIELDS = ('model_size', 'max_seq_len', 'transpose', 'seed', 'batch_size', 'gradient_accumulation_steps', 'phases',
               'constant_samples', 'lr', 'min_lr_frac', 'warmup_steps', 'weight_decay', 'grad_clip', 'precision', 'mask_preset')
 CADENCE_FIELDS = ('max_steps', 'epochs', 'eval_every', 'eval_batches', 'save_every', 'keep_checkpoints', 'num_workers', 'progress',
                   'max_bad_steps', 'out_dir', 'resume', 'overwrite', 'report_to', 'compile', 'recompile_limit', 'grad_checkpointing',
-                  'attn_backend', 'device')
+                  'attn_backend', 'device',
+                  'data_dir')   # where the data lies may change (a moved copy); what it holds is defining: `data`, its digest
 
-def run_settings(cfg, schedule=None, world_size: int | None = None) -> dict:
+def run_settings(cfg, schedule=None, world_size: int | None = None, data: str | None = None) -> dict:
     """The defining settings of a resolved config (`RUN_FIELDS`), as JSON values; `schedule` replaces the `--phases` spec by
     its table, less each phase's loader workers (a cadence setting); `world_size` (DDP ranks) is defining: it sets the
-    global batch and the rows each rank reads."""
+    global batch and the rows each rank reads; `data` is the training data's identity, its content digest
+    (`ShardDataset.digest`): not the folder's path, so a moved copy is the same data and a rebuild with other content is not."""
     d = {k: getattr(cfg, k) for k in RUN_FIELDS}
-    if d['data_dir']: d['data_dir'] = str(Path(d['data_dir']).resolve())
+    if data is not None: d['data'] = data
     if schedule is not None: d['phases'] = [{k: v for k, v in row.items() if k != 'num_workers'} for row in json.loads(schedule.to_json())]
     if world_size is not None: d['world_size'] = world_size
     return d
@@ -327,7 +340,7 @@ class Trainer:
     "One training run: model, optimizer, schedule, data position, logs. `run()` trains to `max_steps`."
     def __init__(self, cfg: TrainConfig):
         from meloformer.model import MeloFormer, ModelConfig
-        from meloformer.attention import MaskConfig
+        from meloformer.attention import MaskConfig, resolve_backend
         from meloformer.data import ShardDataset, demo_dataset
         from meloformer.memory import MemoryTracker
         cuda = torch.cuda.is_available() and cfg.device in ('auto', 'cuda')
@@ -336,6 +349,7 @@ class Trainer:
         if cfg.overwrite and cfg.resume: raise ValueError("--overwrite starts the run over; it cannot go with --resume")
         self.dist = setup_distributed('cuda' if cuda else 'cpu')
         self.device = torch.device(f'cuda:{self.dist.local_rank}' if cuda else 'cpu')
+        self.backend = resolve_backend(cfg.attn_backend, self.device)   # flex pads rows to its 128-token blocks; sdpa to the row length
         self.out = Path(cfg.out_dir)
         bf16 = cfg.precision == 'bf16' or (cfg.precision == 'auto' and cuda)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
@@ -354,18 +368,16 @@ class Trainer:
         self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                      fused=cuda)
         self.schedule = self._schedule(cfg, bf16)
-        for p in self.schedule.phases:
-            if p.max_seq_len is not None and p.max_seq_len % 128: raise ValueError(f"phase {p.name!r}: max_seq_len {p.max_seq_len} is not a multiple of 128")
         self.rows_per_epoch = len(PackedBatchSampler(self.train_ds.lengths, 1, cfg.max_seq_len, cfg.seed).rows())
         self.max_steps = cfg.max_steps or steps_for_epochs(self.schedule, self.rows_per_epoch, cfg.epochs or 1, self.dist.world_size)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg.warmup_steps, self.max_steps, cfg.min_lr_frac))
         self.step, self.epoch, self.position, self.bad_in_row, self.data_seen = 0, 0, 0, 0, []
         self.seg_len, self.pieces_seen, self._views = None, np.zeros(0, np.int64), {}   # the row length of this epoch's plan, pieces before it
         self.memory, self.phase_steps, self._memory_carry = MemoryTracker(self.device.type), 0, None
-        self.settings = run_settings(cfg, self.schedule, self.dist.world_size); self.fingerprint = run_fingerprint(self.settings)
-        ckpt = self._claim_folder(cfg)
+        self.settings = run_settings(cfg, self.schedule, self.dist.world_size, self.train_ds.digest); self.fingerprint = run_fingerprint(self.settings)
+        ckpt, state = self._claim_folder(cfg)
         self.metrics = MetricsLog(self.out/'metrics.csv', METRIC_FIELDS) if self.dist.main else None
-        if ckpt is not None: self._load(ckpt)
+        if ckpt is not None: self._load(ckpt, state)
         elif self.metrics: self.metrics.truncate(-1)          # this run from its start: step 0 is logged again
         self.tb = self._tensorboard() if cfg.report_to == 'tensorboard' and self.dist.main else None
         # compile and DDP wrap the module the loop calls; masks are built outside (host-side work)
@@ -384,17 +396,18 @@ class Trainer:
             return make_schedule(cfg.phases, cfg.batch_size, cfg.num_workers, cfg.gradient_accumulation_steps, cfg.constant_samples)
         from meloformer.memory import find_max_batch, default_budget_gb
         budget = default_budget_gb(self.device.type)
-        fit = find_max_batch(cfg.model_size, cfg.max_seq_len, budget, device=self.device.type, precision='bf16' if bf16 else 'fp32',
-                             backend=self.model.cfg.attn_backend if self.model.cfg.attn_backend != 'auto' else ('flex' if self.device.type == 'cuda' else 'sdpa'),
-                             checkpointing=cfg.grad_checkpointing)
+        from meloformer.data import length_buckets
+        padded = length_buckets(cfg.max_seq_len, exact=self.backend != 'flex')[-1]     # the longest row as the model sees it
+        fit = find_max_batch(cfg.model_size, padded, budget, device=self.device.type, precision='bf16' if bf16 else 'fp32',
+                             backend=self.backend, checkpointing=cfg.grad_checkpointing)
         if fit['max_batch'] < 1: raise ValueError(f"--phases auto: not even batch 1 of {cfg.max_seq_len} tokens fits {budget:.1f} GB")
         self.auto_batch = fit
         if self.dist.main: print(f"phases auto: batch {fit['max_batch']} x {cfg.max_seq_len} fits {budget:.1f} GB ({fit['how']})", file=sys.stderr)
         return release_schedule(fit['max_batch'], cfg.num_workers, cfg.gradient_accumulation_steps, cfg.constant_samples)
 
     # --- the run folder: one run per folder
-    def _claim_folder(self, cfg) -> Path | None:
-        "Decide (every rank, read-only) which run this is and the checkpoint to start from; then rank 0 writes `run.json`."
+    def _claim_folder(self, cfg) -> tuple[Path | None, dict | None]:
+        "Decide (every rank, read-only) which run this is and the checkpoint to start from (and its state); then rank 0 writes `run.json`."
         out, run = self.out, None
         if (out/'run.json').exists(): run = json.loads((out/'run.json').read_text())
         present = [n for n in RUN_FILES if (out/n).exists()] + [f"{len(list_checkpoints(out))} checkpoints"] * bool(list_checkpoints(out))
@@ -413,14 +426,14 @@ class Trainer:
                 if frun is None and not found:
                     if cfg.resume != 'auto': raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
                     if present: raise ValueError(f"{out}: holds files of a run with no run.json ({', '.join(present)}); start over with --overwrite")
-                ckpt = found[-1] if found else None
                 if frun is not None: self._check_settings(frun['settings'], f"{folder}/run.json")
+                ckpt, st = self._newest_readable(folder, found, named=cfg.resume != 'auto')
                 self.run_id = frun['run_id'] if frun else uuid.uuid4().hex[:12]
             else:
                 ckpt = Path(cfg.resume)
                 if not ckpt.is_file(): raise FileNotFoundError(f"--resume {ckpt}: no such checkpoint file")
+                st = load_checkpoint(ckpt)                             # a named file that cannot be read is an error
             if ckpt is not None:
-                st = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
                 if 'settings' in st: self._check_settings(st['settings'], str(ckpt))
                 self.run_id = st.get('run_id') or getattr(self, 'run_id', None) or uuid.uuid4().hex[:12]
             if run is not None and run['run_id'] != self.run_id:
@@ -442,13 +455,27 @@ class Trainer:
             for p in stale: p.unlink()                                 # a future this resume replaces
             out.mkdir(parents=True, exist_ok=True)
             if run is None or run['run_id'] != self.run_id:
-                _write_json(out/'run.json', dict(run_id=self.run_id, fingerprint=self.fingerprint, settings=self.settings))
+                _write_json(out/'run.json', dict(run_id=self.run_id, fingerprint=self.fingerprint, settings=self.settings,
+                                                 data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None))   # where the data was: information
         if self.dist.world_size > 1: dist.barrier()
-        return ckpt
+        return ckpt, st if ckpt is not None else None
+
+    def _newest_readable(self, folder: Path, found: list[Path], named: bool = False) -> tuple[Path | None, dict | None]:
+        """The newest of the checkpoints `found` that reads whole, and its state; each unreadable one is skipped with a warning.
+        None readable: the run starts again from step 0 (saying so), or for a folder named by `--resume DIR` (`named`) a `CheckpointError`."""
+        for path in reversed(found):
+            try: return path, load_checkpoint(path)
+            except CheckpointError as e:
+                if self.dist.main: print(f"warning: {e}: skipped", file=sys.stderr)
+        if found and named: raise CheckpointError(f"{folder}: no readable checkpoint ({len(found)} unreadable)")
+        if found and self.dist.main: print(f"warning: {folder}: no readable checkpoint of this run: it starts again from step 0", file=sys.stderr)
+        return None, None
 
     def _check_settings(self, saved: dict, where: str):
         diff = settings_diff(saved, self.settings)
-        if diff: raise ValueError(f"{where}: the run was made with other defining settings: {'; '.join(diff)} (start a new run in another --out_dir)")
+        data = (f"; {self.cfg.data_dir or 'the embedded demo corpus'} holds other data than the run was trained on"
+                if saved.get('data') != self.settings.get('data') else '')
+        if diff: raise ValueError(f"{where}: the run was made with other defining settings: {'; '.join(diff)}{data} (start a new run in another --out_dir)")
 
     # --- checkpoints
     def state(self) -> dict:
@@ -470,8 +497,8 @@ class Trainer:
         if not self.dist.main: return None
         return save_checkpoint(self.out, self.step, self.state(), self.cfg.keep_checkpoints, self.run_id)
 
-    def _load(self, path: Path):
-        st = load_checkpoint(path)
+    def _load(self, path: Path, st: dict | None = None):
+        st = st if st is not None else load_checkpoint(path)
         self.model.load_state_dict(st['model']); self.opt.load_state_dict(st['optimizer']); self.lr_sched.load_state_dict(st['lr_schedule'])
         for g, base, f in zip(self.opt.param_groups, self.lr_sched.base_lrs, self.lr_sched.lr_lambdas):
             g['lr'] = base * f(self.lr_sched.last_epoch)               # this run's --max_steps may differ from the saved one's
@@ -480,8 +507,10 @@ class Trainer:
         set_rng_state(st['rng'])
         if 'memory' in st:                                          # memory.csv keeps the phases run before the resume
             self.memory.rows, part = list(st['memory']['rows']), st['memory']['partial']
-            if part and self.schedule.index_at(self.step + 1) != self.schedule.index_at(self.step): self.memory.rows.append(part)
-            elif part: self._memory_carry = part
+            goes_on = self.schedule.index_at(self.step + 1) == self.schedule.index_at(self.step)   # the next step is in the same phase
+            if part is None and goes_on and self.memory.rows: part = self.memory.rows.pop()  # closed at the end of a run now extended
+            if part and not goes_on: self.memory.rows.append(part)
+            elif part: self._memory_carry = part                   # joined with what this process runs of the phase
         if self.metrics: self.metrics.truncate(self.step)
         self.resumed_from = path
         if self.dist.main: print(f"resuming run {self.run_id} from {path.name} (step {self.step})", file=sys.stderr)
@@ -508,7 +537,7 @@ class Trainer:
         sampler = EpochRest(ds.lengths, phase.batch_size, seq_len, self.cfg.seed, self.epoch, self.position,
                             self.dist.rank, self.dist.world_size, seen=self.pieces_seen)
         self._plan_rows = len(sampler.rows())
-        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=Collate(self.tok.pad_id, seq_len),
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=Collate(self.tok.pad_id, seq_len, exact=self.backend != 'flex'),
                                            num_workers=phase.num_workers, pin_memory=self.device.type == 'cuda', persistent_workers=False)
 
     def _next_batch(self, phase):
@@ -571,7 +600,9 @@ class Trainer:
 
     def _phase_done(self):
         row = self.memory.stop(steps=self.phase_steps)
-        if row is None: return
+        if row is None:                                            # no step run here (a resume with none left): the saved part stands
+            if self._memory_carry: self.memory.rows.append(self._memory_carry); self._memory_carry = None
+            return
         row.update(_merge_phase(row, self._memory_carry)); self._memory_carry = None   # with the part run before the resume
         if self.tb is not None: self.tb.add_scalar(f"memory/peak_mb/{row['phase']}", self.memory.peak_mb(row), self.step)
 
@@ -646,7 +677,7 @@ def train(cfg: TrainConfig) -> dict:
 _HELP = dict(
     model_size="tiny | small | base | large | xlarge (default: small on CUDA, tiny on CPU)",
     batch_size="rows per micro-batch in the full-speed phase", gradient_accumulation_steps="micro-batches per optimizer step",
-    max_seq_len="tokens per row (crops of whole bars of every track)", num_workers="DataLoader workers in the phases that use them",
+    max_seq_len="tokens per row (crops of whole bars of every track); any length: flex attention pads rows to a multiple of 128", num_workers="DataLoader workers in the phases that use them",
     epochs="passes over the training rows (used when --max_steps is not given)", max_steps="optimizer steps to train",
     data_dir="a folder made by `python -m meloformer.data` (default: the embedded demo corpus)", out_dir="where checkpoints, logs and charts go",
     lr="peak learning rate", min_lr_frac="final LR as a fraction of --lr (cosine)", warmup_steps="linear warm-up steps",
@@ -655,7 +686,7 @@ _HELP = dict(
     compile="torch.compile the model (bounded shapes)", recompile_limit="dynamo recompile limit per frame (exceeding it is an error)",
     grad_checkpointing="none | ffn | full", precision="auto | fp32 | bf16", attn_backend="auto | flex | sdpa",
     mask_preset="museformer | meloformer | dense", transpose="random transposition of pitched tracks, +- semitones",
-    resume="checkpoint file, run folder, or 'auto' (this --out_dir's run from its latest checkpoint; a fresh start in an empty folder)",
+    resume="checkpoint file, run folder, or 'auto' (this --out_dir's run from its newest readable checkpoint, an unreadable one skipped with a warning; a fresh start in an empty folder); a named file that cannot be read exits 2",
     overwrite="a fresh start in an --out_dir that holds another run removes that run's files (without it: refused)",
     report_to="none | tensorboard (scalars and charts under --out_dir/tensorboard; metrics.csv is always written)",
     eval_every="validate every N steps", eval_batches="validation batches per evaluation", save_every="checkpoint every N steps",
@@ -674,6 +705,8 @@ def train_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = train_parser().parse_args(argv)
     try: result = train(TrainConfig(**vars(args)))
+    except CheckpointError as e:                                   # a named checkpoint that cannot be read: bad input
+        print(f"{type(e).__name__}: {e}", file=sys.stderr); return 2
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr); return 1
     if int(os.environ.get('RANK', 0)) == 0:
