@@ -319,7 +319,7 @@ from .generate import load_checkpoint_dir
 def _reference_plan(tok, dataset, n_bars: int):
     "The most common track list of the reference pieces, their first meter and tempo, as a plan from scratch."
     from collections import Counter
-    from meloformer.generate import plan_from_scratch
+    from meloformer.grammar import plan_from_scratch
     heads = Counter()
     for i in range(min(len(dataset), 200)):
         ids = dataset.piece(i)

@@ -13,12 +13,12 @@ import torch
 from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS
 from .attention import MaskMeta, AttnMasks, update_mask, summarize_mask, attend
 from .model import MeloFormer, rope_angles, rope_positions
+from .grammar import Plan, Grammar, default_max_len, forced_prefix, is_int, plan_from_midi, plan_from_scratch
+from .grammar import PROGRAMS as _PROGRAMS      # the track names the CLI's --tracks help lists
 
 # %% auto 0
-__all__ = ['mask_rows', 'DecodeCache', 'forward_cached', 'IncrementalDecoder', 'TrackPlan', 'Plan', 'Grammar', 'GrammarState',
-           'sample_next', 'track_token', 'plan_from_scratch', 'plan_from_midi', 'forced_prefix', 'default_max_len',
-           'generate', 'bars_per_track', 'piano_roll', 'generate_parser', 'checkpoint_dir', 'load_checkpoint_dir',
-           'main']
+__all__ = ['mask_rows', 'DecodeCache', 'forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track',
+           'piano_roll', 'generate_parser', 'checkpoint_dir', 'load_checkpoint_dir', 'main']
 
 # %% ../nbs/07_generate.ipynb
 def mask_rows(mask_mod, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
@@ -148,224 +148,6 @@ class IncrementalDecoder:
         return forward_cached(self.model, c, ids.to(self.device), meta, slots)
 
 # %% ../nbs/07_generate.ipynb
-def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-def _ids(values, name: str) -> list[int]:
-    "`values` as a list of Python ints; `ValueError` naming the field otherwise."
-    if isinstance(values, (str, bytes)) or not hasattr(values, '__iter__'): raise ValueError(f"{name} {values!r}: a list of token ids")
-    values = list(values)
-    for k, v in enumerate(values):
-        if not _is_int(v): raise ValueError(f"{name}[{k}] {v!r}: a token id (an integer), not {type(v).__name__}")
-    return [int(v) for v in values]
-
-@dataclass
-class TrackPlan:
-    "A track to write: its header token and the tokens forced after its `SEP` (a prompt's bars; empty: all sampled)."
-    program: int
-    prompt: list = field(default_factory=list)
-
-    def __post_init__(self):
-        if not _is_int(self.program): raise ValueError(f"TrackPlan.program {self.program!r}: a track header id (an integer; `track_token` makes one)")
-        self.program, self.prompt = int(self.program), _ids(self.prompt, 'TrackPlan.prompt')
-
-@dataclass
-class Plan:
-    """What a generated piece must be: a forced global header, the tracks (None: the model picks), the bar count.
-    Its form is checked here, its tokens against a tokenizer by `check` (as `Grammar`, hence `generate`, does): a
-    `ValueError` names the field and what it may hold."""
-    header: list | None = None          # BOS TS BPM ids; None: the model picks meter and tempo
-    tracks: list | None = None          # list[TrackPlan]; None: the model picks programs and how many tracks
-    n_bars: int | None = None           # None: the first track's bar count fixes it
-    prefix_len: int = 0                 # leading tokens identical for every sample (fed as one prompt chunk)
-
-    def __post_init__(self):
-        if self.header is not None:
-            self.header = _ids(self.header, 'Plan.header')
-            if len(self.header) != 3: raise ValueError(f"Plan.header {self.header}: 3 ids (BOS, a meter TS_*, a tempo BPM_*), or None")
-        if self.tracks is not None:
-            if isinstance(self.tracks, (str, bytes, TrackPlan)) or not hasattr(self.tracks, '__iter__'):
-                raise ValueError(f"Plan.tracks {self.tracks!r}: a list of TrackPlan, or None (the model picks)")
-            self.tracks = list(self.tracks)
-            if not self.tracks: raise ValueError("Plan.tracks []: at least one TrackPlan, or None (the model picks)")
-            for k, t in enumerate(self.tracks):
-                if not isinstance(t, TrackPlan): raise ValueError(f"Plan.tracks[{k}] {t!r}: a TrackPlan")
-        if self.n_bars is not None and (not _is_int(self.n_bars) or self.n_bars < 1):
-            raise ValueError(f"Plan.n_bars {self.n_bars!r}: at least 1, or None (the first track's bar count)")
-        if not _is_int(self.prefix_len) or self.prefix_len < 0: raise ValueError(f"Plan.prefix_len {self.prefix_len!r}: 0 or more")
-
-    def check(self, tok: HIDTokenizer) -> 'Plan':
-        "`ValueError` naming the first field whose tokens `tok` cannot write where the plan puts them; else the plan."
-        r, cfg = tok.ranges, tok.config
-        span = lambda g: f"{tok.vocab[r[g].start]}..{tok.vocab[r[g].stop - 1]}, ids {r[g].start}..{r[g].stop - 1}"
-        if self.header is not None:
-            for k, (want, what) in enumerate(((None, 'BOS'), ('ts', 'a meter'), ('bpm', 'a tempo'))):
-                i = self.header[k]
-                if (want is None and i != tok.bos_id) or (want is not None and i not in r[want]):
-                    raise ValueError(f"Plan.header[{k}] {i}: {what} token ({'id ' + str(tok.bos_id) if want is None else span(want)})")
-        if self.n_bars is not None and self.n_bars > cfg.max_bars: raise ValueError(f"Plan.n_bars {self.n_bars}: at most {cfg.max_bars} (the tokenizer's max_bars)")
-        if self.tracks is None: return self
-        if len(self.tracks) > cfg.max_tracks: raise ValueError(f"Plan.tracks: {len(self.tracks)} tracks, at most {cfg.max_tracks} (the tokenizer's max_tracks)")
-        body = ('chord', 'ts', 'bpm', 'tempo_at', 'onset', 'pitch', 'dur', 'vel')   # what follows a track's SEP
-        for k, t in enumerate(self.tracks):
-            if t.program not in r['program']: raise ValueError(f"Plan.tracks[{k}].program {t.program}: a track header token ({span('program')})")
-            kinds = body if k == 0 else [g for g in body if g not in ('ts', 'bpm', 'tempo_at')]   # meter and tempo live in track 0
-            for j, i in enumerate(t.prompt):
-                if not any(i in r[g] for g in kinds):
-                    name = tok.vocab[i] if 0 <= i < tok.vocab_size else f'outside the vocabulary of {tok.vocab_size}'
-                    raise ValueError(f"Plan.tracks[{k}].prompt[{j}] {i} ({name}): not a token of {'track 0' if k == 0 else 'a track after the first'}'s bars ({', '.join(kinds)})")
-            if t.prompt and t.prompt[0] not in r['chord']: raise ValueError(f"Plan.tracks[{k}].prompt[0] {t.prompt[0]} ({tok.vocab[t.prompt[0]]}): a prompt starts with a bar (chord) token")
-            bars = sum(i in r['chord'] for i in t.prompt)
-            if self.n_bars is not None and bars > self.n_bars: raise ValueError(f"Plan.tracks[{k}].prompt: {bars} bars, more than Plan.n_bars {self.n_bars}")
-        return self
-
-# %% ../nbs/07_generate.ipynb
-class Grammar:
-    "The token grammar of the HID stream plus a `Plan`: `state()` gives a `GrammarState` that masks invalid next tokens."
-    def __init__(self, tok: HIDTokenizer, plan: Plan | None = None, max_len: int = 4096, max_tracks: int | None = None,
-                 max_bar_notes: int | None = None):
-        self.tok, self.plan, self.max_len, self.max_bar_notes = tok, (plan or Plan()).check(tok), max_len, max_bar_notes
-        self.max_tracks = max_tracks or tok.config.max_tracks
-        r, V = tok.ranges, tok.vocab_size
-        self.r, self.V = r, V
-        def group(*names):
-            m = torch.zeros(V, dtype=torch.bool)
-            for nm in names: m[r[nm].start:r[nm].stop] = True
-            return m
-        self.masks = {nm: group(nm) for nm in r}
-        self.one = torch.eye(V, dtype=torch.bool)
-        self.bar_steps = {}                             # TS id -> grid steps of its bar
-        for i in r['ts']:
-            num, den = map(int, tok.vocab[i][3:].split('/'))
-            self.bar_steps[i] = tok.config.bar_steps(num, den)
-        self.bos, self.eos, self.pad, self.sep = tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_index['SEP']
-        self.onset0 = r['onset'].start
-        self.at0 = r['tempo_at'].start                  # `@pos` id = at0 + pos - 1
-        # fixed tokens of each planned track besides its sampled bars: header, SEP, prompt minus the prompt's bar tokens
-        self.prompt_bars = [int(self.masks['chord'][tp.prompt].sum()) for tp in self.plan.tracks or []]
-        self.track_extra = [2 + len(tp.prompt) - nb for tp, nb in zip(self.plan.tracks or [], self.prompt_bars)]
-        if max_len < self.min_len(): raise ValueError(f"max_len {max_len} cannot hold the plan: it needs at least {self.min_len()} tokens")
-
-    def min_len(self) -> int:
-        "Tokens of the shortest piece the plan allows: header, every track's header, SEP, prompt and bar tokens, EOS."
-        p = self.plan
-        if p.tracks is None: return 3 + 3 + (p.n_bars or 1)            # BOS TS BPM, one track (#X SEP bars), EOS
-        n_bars = p.n_bars or max([1, *self.prompt_bars])
-        return 3 + sum(self.track_extra) + n_bars * len(p.tracks) + 1
-
-    def state(self) -> 'GrammarState': return GrammarState(self)
-
-    def accepts(self, ids) -> bool:
-        "Whether every token of ids is allowed after its prefix."
-        st = self.state()
-        for i in np.asarray(ids).tolist():
-            if not st.allowed()[i]: return False
-            st.step(i)
-        return True
-
-# %% ../nbs/07_generate.ipynb
-class GrammarState:
-    "Where a stream stands in the grammar; `allowed()` (V,) bool, `step(id)` advances."
-    def __init__(self, g: Grammar):
-        self.g, self.n = g, 0
-        self.phase = 'header'                   # header | program | sep | bar | body | note | tempo_at | done
-        self.header = list(g.plan.header) if g.plan.header else None
-        self.n_header = 0
-        self.track, self.bars, self.n_bars = -1, 0, g.plan.n_bars
-        self.note, self.last_onset, self.ctrl, self.bar_notes = 0, 0, 0, 0     # ctrl: 0 right after a bar token, 1 after TS, 2 after BPM, 3 notes begun
-        self.last_at = 0                        # grid position of the last tempo change inside the bar (`@pos BPM`)
-        self.meter, self.header_steps, self.forced = [], 16, []
-
-    # tokens still needed to end the piece from the body of the current track, with `bars` done there of `n_bars`
-    def _need(self, bars, n_bars) -> int:
-        return n_bars - bars + 1 + sum(extra + n_bars for extra in self.g.track_extra[self.track + 1:])
-
-    def _track_done(self) -> bool:
-        return self.bars == self.n_bars if self.n_bars is not None else self.bars >= 1
-
-    def _more_tracks(self) -> bool:
-        tracks = self.g.plan.tracks
-        return self.track + 1 < len(tracks) if tracks is not None else self.track + 1 < self.g.max_tracks
-
-    def allowed(self) -> torch.Tensor:
-        g, m = self.g, self.g.masks
-        if self.forced: return g.one[self.forced[0]]
-        if self.phase == 'header':
-            if self.header: return g.one[self.header[self.n_header]]
-            return (g.one[g.bos], m['ts'], m['bpm'])[self.n_header]
-        if self.phase == 'program':
-            tracks = g.plan.tracks
-            return g.one[tracks[self.track + 1].program] if tracks is not None else m['program']
-        if self.phase == 'sep': return g.one[g.sep]
-        if self.phase == 'bar': return m['chord']
-        if self.phase == 'note': return (m['pitch'], m['dur'], m['vel'])[self.note - 1]
-        if self.phase == 'tempo_at': return m['bpm']                        # `@pos` is always followed by its tempo
-        if self.phase == 'done': return g.one[g.pad]
-        # body: after a bar token or a whole note
-        left = g.max_len - self.n
-        n_bars = self.n_bars if self.n_bars is not None else max(self.bars, 1)
-        need = self._need(self.bars, n_bars)
-        out = torch.zeros(g.V, dtype=torch.bool)
-        # a prompt's bars stay as given: after them, only a new bar or the end of the track
-        in_prompt = self.track < len(g.prompt_bars) and self.bars <= g.prompt_bars[self.track]
-        if self.track == 0 and self.ctrl < 2 and left >= 1 + need and not in_prompt:
-            if self.ctrl == 0: out |= m['ts']
-            out |= m['bpm']
-        steps = self.meter[self.bars - 1] if self.bars - 1 < len(self.meter) else self.meter[-1]
-        if self.track == 0 and self.ctrl < 3 and left >= 2 + need and not in_prompt:
-            out[g.at0 + self.last_at:g.at0 + steps - 1] = True               # `@pos`, pos after the last one, inside the bar
-        room = g.max_bar_notes is None or self.bar_notes < g.max_bar_notes
-        if left >= 4 + need and not in_prompt and room:
-            out[g.onset0 + self.last_onset:g.onset0 + steps] = True
-        open_bars = self.n_bars is None and self.bars < self.g.tok.config.max_bars and left >= 1 + self._need(self.bars + 1, self.bars + 1)
-        if (self.n_bars is not None and self.bars < self.n_bars) or open_bars: out |= m['chord']
-        if self._track_done():
-            if self._more_tracks():
-                tracks = g.plan.tracks
-                # an open plan starts a track only with room for it: header, SEP, n_bars bar tokens and EOS
-                if tracks is None and left >= 3 + n_bars: out |= m['program']
-                elif tracks is not None: out[tracks[self.track + 1].program] = True
-            if g.plan.tracks is None or not self._more_tracks(): out[g.eos] = True
-        return out
-
-    def step(self, i: int):
-        g = self.g
-        if self.forced: self.forced.pop(0)
-        self.n += 1
-        if self.phase == 'header':
-            if self.n_header == 1: self.header_steps = g.bar_steps.get(i, 16)
-            self.n_header += 1
-            if self.n_header == 3: self.phase = 'program'
-        elif self.phase == 'program': self.phase = 'sep'
-        elif self.phase == 'sep':
-            self.track += 1; self.bars = 0; self.phase = 'bar'
-            tracks = g.plan.tracks
-            if tracks is not None: self.forced = list(tracks[self.track].prompt)
-        elif self.phase == 'note':
-            self.note = (self.note + 1) % 4
-            if self.note == 0: self.phase = 'body'
-        elif self.phase == 'tempo_at': self.phase, self.ctrl = 'body', 2
-        elif self.phase in ('bar', 'body'):
-            if g.masks['chord'][i]:
-                self.bars += 1; self.phase, self.ctrl, self.last_onset, self.bar_notes, self.last_at = 'body', 0, 0, 0, 0
-                if self.track == 0: self.meter.append(self.meter[-1] if self.meter else self.header_steps)
-            elif g.masks['ts'][i]: self.ctrl = 1; self.meter[-1] = g.bar_steps[i]
-            elif g.masks['bpm'][i]: self.ctrl = 2
-            elif g.masks['tempo_at'][i]: self.phase, self.last_at = 'tempo_at', i - g.at0 + 1
-            elif g.masks['onset'][i]:
-                self.ctrl, self.last_onset, self.note, self.phase = 3, i - g.onset0, 1, 'note'
-                self.bar_notes += 1
-            elif g.masks['program'][i]:
-                if self.track == 0 and self.n_bars is None: self.n_bars = self.bars
-                self.phase = 'sep'
-            elif i == g.eos:
-                if self.track == 0 and self.n_bars is None: self.n_bars = self.bars
-                self.phase = 'done'
-        return self
-
-    @property
-    def done(self) -> bool: return self.phase == 'done'
-
-# %% ../nbs/07_generate.ipynb
 def sample_next(logits: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     "One id per row from logits (B, V) restricted to `allowed` (B, V); temperature 0 is greedy."
@@ -383,90 +165,16 @@ def sample_next(logits: torch.Tensor, allowed: torch.Tensor, temperature: float 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 # %% ../nbs/07_generate.ipynb
-_PROGRAMS = dict(piano=0, epiano=4, organ=16, guitar=25, electric_guitar=27, bass=33, fretless=35, strings=48,
-                 choir=52, trumpet=56, brass=61, sax=65, flute=73, lead=80, pad=88)
-
-def track_token(tok: HIDTokenizer, spec) -> int:
-    "Header id of a track given as `drums` (standard kit), `drums25` (a GM drum kit 0-127), a GM program 0-127, or a name (piano, bass, ...)."
-    s = str(spec).strip().lower()
-    if s in ('drums', 'd', '#d'): return tok.vocab_index['#D']
-    kit = s[5:] if s.startswith('drums') else s[2:] if s.startswith('#d') else None
-    if kit is not None and kit.isdigit() and 0 <= int(kit) <= 127: return tok.vocab_index['#D' if int(kit) == 0 else f'#D{int(kit)}']
-    prog = int(s) if s.lstrip('-').isdigit() else _PROGRAMS.get(s)
-    if prog is None or not 0 <= prog <= 127:
-        raise ValueError(f"unknown track {spec!r}: use drums, drums<kit>, a program 0-127 or one of {', '.join(_PROGRAMS)}")
-    return tok.vocab_index[f'#P{prog}']
-
-def _track_order(tok, header_id) -> int:
-    "The tokenizer's track order: drums, bass, harmony, melody."
-    from meloformer.tokenizer import track_class
-    name = tok.vocab[header_id]
-    return track_class(0, True) if name.startswith('#D') else track_class(int(name[2:]), False)
-
-def plan_from_scratch(tok: HIDTokenizer, tracks=('drums', 'bass', 'piano'), n_bars: int = 8, ts: str = '4/4', bpm: float = 120.0) -> Plan:
-    "A new piece: chosen tracks (in the tokenizer's drums-bass-harmony-melody order), bar count, meter and tempo."
-    from meloformer.tokenizer import tempo_bin
-    cfg = tok.config
-    if f'TS_{ts}' not in tok.vocab_index: raise ValueError(f"unsupported time signature {ts!r} (e.g. 4/4, 3/4, 6/8)")
-    if not _is_int(n_bars) or not 1 <= n_bars <= cfg.max_bars: raise ValueError(f"bars {n_bars!r}: 1..{cfg.max_bars} (the tokenizer's max_bars)")
-    if not (isinstance(bpm, (int, float, np.number)) and cfg.min_bpm <= bpm <= cfg.max_bpm):
-        raise ValueError(f"bpm {bpm!r}: {cfg.min_bpm:g}..{cfg.max_bpm:g} (the tokenizer's tempo range)")
-    heads = sorted((track_token(tok, t) for t in tracks), key=lambda h: _track_order(tok, h))
-    if not heads: raise ValueError("no tracks to write")
-    header = [tok.bos_id, tok.vocab_index[f'TS_{ts}'], tok.ranges['bpm'][0] + int(tempo_bin(tok.config, bpm))]
-    return Plan(header, [TrackPlan(h) for h in heads], n_bars)
-
-def _split_tracks(tok, ids) -> tuple[list, list]:
-    "Global header and (header id, body after SEP) per track of an id stream."
-    ids = [i for i in np.asarray(ids).tolist() if i != tok.eos_id]
-    starts = [k for k, i in enumerate(ids) if i in tok.ranges['program']] + [len(ids)]
-    return ids[:starts[0]], [(ids[a], ids[a + 2:b]) for a, b in zip(starts[:-1], starts[1:])]
-
-def plan_from_midi(tok: HIDTokenizer, src, prompt_bars: int | None = None, prompt_tracks: int | None = None,
-                   n_bars: int | None = None, add_tracks=()) -> Plan:
-    """Continue `src`: its first `prompt_tracks` tracks (all by default), each with its first `prompt_bars` bars
-    (all by default), to `n_bars` bars; `add_tracks` are new tracks written over every bar."""
-    crop = prompt_bars if prompt_bars is not None else n_bars
-    if crop is not None and crop < 1: raise ValueError(f"prompt bars must be >= 1, not {crop}")
-    ids = tok.encode(src)
-    # crop every track to its first bars (headers have bar -1); a track silent there keeps its place
-    if crop: ids = ids[tok.annotate(ids)['bar'] < crop]
-    header, tracks = _split_tracks(tok, ids)
-    if prompt_tracks is not None:
-        if not 1 <= prompt_tracks <= len(tracks): raise ValueError(f"{src}: prompt_tracks must be 1..{len(tracks)}, not {prompt_tracks}")
-        tracks = tracks[:prompt_tracks]
-    have = int(np.isin(tracks[0][1], list(tok.ranges['chord'])).sum())
-    n_bars = n_bars or (have if prompt_bars is None else have + 8)
-    if n_bars < have: raise ValueError(f"{src}: the prompt has {have} bars, more than the {n_bars} requested")
-    plan = [TrackPlan(h, body) for h, body in tracks] + [TrackPlan(track_token(tok, t)) for t in add_tracks]
-    return Plan(header[:3], plan, n_bars)
-
-def forced_prefix(grammar: Grammar) -> list:
-    "The tokens every sample must start with (where the grammar leaves one choice): fed as one prompt chunk."
-    st, out = grammar.state(), []
-    while not st.done and int((allowed := st.allowed()).sum()) == 1:
-        out.append(int(allowed.nonzero()[0, 0])); st.step(out[-1])
-    return out
-
-# %% ../nbs/07_generate.ipynb
 def _check_sampling(num_samples, temperature, top_k, top_p, seed, max_len, max_bar_notes):
     "`ValueError` naming the first argument of `generate` outside its range (0.1 crashed later, or sampled nothing)."
-    if not _is_int(seed): raise ValueError(f"generate: seed {seed!r}: an integer")
+    if not is_int(seed): raise ValueError(f"generate: seed {seed!r}: an integer")
     for name, v, low, none_ok in (('num_samples', num_samples, 1, False), ('top_k', top_k, 0, False),
                                   ('max_len', max_len, 1, True), ('max_bar_notes', max_bar_notes, 1, True)):
-        if (v is None and not none_ok) or (v is not None and (not _is_int(v) or v < low)):
+        if (v is None and not none_ok) or (v is not None and (not is_int(v) or v < low)):
             raise ValueError(f"generate: {name} {v!r}: an integer >= {low}{' or None' if none_ok else ''}")
     if not (isinstance(temperature, (int, float, np.number)) and 0 <= temperature < float('inf')):
         raise ValueError(f"generate: temperature {temperature!r}: 0 (greedy) or more")
     if not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1): raise ValueError(f"generate: top_p {top_p!r}: in (0, 1]")
-
-def default_max_len(plan: Plan, tok: HIDTokenizer, max_bar_notes: int = 32) -> int:
-    "Room for the forced tokens and `max_bar_notes` notes in every sampled bar (8192 tokens when the plan is open)."
-    if plan.tracks is None or plan.n_bars is None: return 8192
-    tokens_per_bar = 1 + 4 * max_bar_notes + 2    # bar token, notes, a meter and a tempo change
-    forced = sum(2 + len(t.prompt) for t in plan.tracks) + 4
-    sampled = sum(plan.n_bars - int(np.isin(t.prompt, list(tok.ranges['chord'])).sum()) for t in plan.tracks)
-    return forced + tokens_per_bar * sampled
 
 @torch.no_grad()
 def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num_samples: int = 1, temperature: float = 1.0,
