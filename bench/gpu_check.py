@@ -10,50 +10,72 @@ reported as cut; the others still run):
 1. `gpu_cells`: the `#| gpu` cells of the notebooks (flex forward + backward against the sdpa reference, a
    compiled bf16 training step of `small` at L = 8192), each with the definitions it needs from its notebook.
 2. `train`: training throughput of `small` at L = 8192, batch 6, compiled, bf16, flex (bench/train.py's `Run`:
-   the real `Trainer.train_step`): tokens/s, MFU (dense-equivalent and attended pairs), peak memory, recompiles.
+   the real `Trainer.train_step`), the summary slots padded to one bound so the compiled step keeps one shape:
+   tokens/s, MFU against the device's spec bf16 peak (dense-equivalent and attended pairs; a measured matmul
+   beside it), peak memory of the timed steps, compilations (the item fails if any happens after the warm-up).
 3. `attention`: forward + backward of one layer's attention at L = 8192 and 24576: `museformer` flex vs dense
    causal flash attention (sdpa `is_causal`) vs the same mask densified (sdpa); block-mask build time per batch.
-4. `memory`: `meloformer.memory`'s estimator against measured peaks (small and base, 2 lengths each, and the
-   release batch), and the max-sequence-length finder measured.
-5. `generate`: cached generation tokens/s of `small` at a 4k context, eager and with the one-token step compiled.
+4. `memory`: `meloformer.memory`'s estimator against measured peaks (the release batch 6 x 8192 first, then small
+   and base at 2 lengths each), then `find_max_seq_len`'s answer checked by measured steps (a bounded number of
+   probes, each started only when the item's budget covers it).
+5. `generate`: cached generation tokens/s of `small` at a 4k context, eager and with the one-token step compiled;
+   an untimed pass over the same positions compiles every shape first, and a compilation inside the timed
+   steps fails the item.
 
-Each item writes `<out_dir>/<item>.md` (machine, GPU, driver, torch, date in its header; goals beside the
-figures) and the run writes `<out_dir>/summary.md`. GPU results go to bench/results/gpu/. The exit status is
-non-zero when an item fails, errors or is cut. `--dry-run` runs every item on CPU with tiny sizes and short
-lengths (FlexAttention forward only: it has no CPU backward; training steps use the sdpa backend), writing the
-same files to a temp folder: CI runs it so that a change that breaks the GPU check breaks CI.
+Each item writes `<out_dir>/<item>.md` (run id, machine, GPU, driver, torch, date in its header; its status,
+written by the runner when the item ends: pass, FAIL, CUT or ERROR; goals beside the figures; memory in GiB)
+and the run writes `<out_dir>/summary.md` (updated after every item). An item's file is removed before the
+item starts, so a file never mixes runs. All items share one compile cache, `<out_dir>/compile_cache/`
+(inductor's FX graph and AOTAutograd caches, Triton's kernels): a graph met again (in a later item, a recompile, the
+next run) is loaded, not compiled again; each item reports its compile seconds and cache hits. GPU results go to
+bench/results/gpu/. The exit status is non-zero when an item fails, errors or is cut.
+
+`--dry-run` runs every item on CPU with tiny sizes and short lengths, writing the same files to a temp folder
+(CI runs it so that a change that breaks the GPU check breaks CI): FlexAttention forward only (it has no CPU
+backward), training steps on the sdpa backend; the `train` steps and the one-token `generate` step are compiled
+by inductor (its CPU code generation, so the lowering the GPU also goes through is exercised), the other
+compiles use the `aot_eager` backend to keep the dry run short.
 """
 import argparse, ast, contextlib, datetime, importlib.util, io, json, logging, os, platform, re, signal, statistics
-import subprocess, sys, symtable, tempfile, time, traceback, types
+import subprocess, sys, symtable, tempfile, time, traceback, types, uuid
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / 'results' / 'gpu'
 ITEMS = ['gpu_cells', 'train', 'attention', 'memory', 'generate']
-# seconds per item: on the GPU (the whole at most 9 minutes, process start-up included), and in the dry run
-# (a cut there fails CI; the dry run takes ~1 minute on 2 idle cores)
-BUDGET_GPU = dict(gpu_cells=110, train=170, attention=70, memory=100, generate=60)
-BUDGET_DRY = dict(gpu_cells=90, train=150, attention=90, memory=90, generate=90)
-TOTAL_GPU, TOTAL_DRY = 540, 420
+# seconds per item, process start-up included. GPU: the whole at most 9 minutes; these are estimates (no GPU run yet):
+# each new shape compiles flex attention (forward and backward) anew, ~15-20 s on an H100-class GPU, and `memory`
+# meets 5 shapes plus up to 3 finder probes. Dry run: a cut fails CI; the dry run takes ~1.5 minutes of one idle core.
+BUDGET_GPU = dict(gpu_cells=100, train=150, attention=70, memory=160, generate=60)
+BUDGET_DRY = dict(gpu_cells=90, train=150, attention=90, memory=90, generate=150)
+TOTAL_GPU, TOTAL_DRY = 540, 600
 REHEARSE = False                       # --rehearse (dry run): run the gpu cells on CPU too
-GOALS = dict(tokens_per_s=300_000, peak_gb=15.0, speedup_8192=1.5, speedup_24576=3.0, estimator_pct=20.0)
+GiB = 2 ** 30
+# goals of bench/README.md; the memory goal is 15 GB (1e9 bytes), reported in GiB as every memory figure here
+GOALS = dict(tokens_per_s=300_000, peak_gib=15e9 / GiB, speedup_8192=1.5, speedup_24576=3.0, estimator_pct=20.0)
+# dense bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets (without sparsity), matched in order on the
+# upper-cased device name; None (and any name not listed): MFU against the matmul measured in the same run instead
+SPEC_BF16_TFLOPS = ((('H100', 'PCIE'), 756), (('H800', 'PCIE'), 756), (('NVL',), None),
+                    (('H100',), 989), (('H200',), 989), (('H800',), 989), (('A100',), 312), (('L40S',), 362))
 
 # what each item runs: GPU sizes, and the dry run's tiny stand-ins (same code paths)
 CONFIG = dict(
     # workers 0: the demo corpus gives 7 batches of 6 x 8192 per epoch, and each new epoch would start new loader
     # workers inside a timed step; collating a batch in the main process takes ~1 ms
-    gpu=dict(train=dict(size='small', L=8192, batch=6, warmup=3, steps=10, workers=0),
+    gpu=dict(train=dict(size='small', L=8192, batch=6, warmup=3, steps=10, workers=0, anchor_n=8192, anchor_repeats=10, extra_slots=0),
              attention=dict(lengths=(8192, 24576), heads=6, head_dim=64, dtype='bfloat16', repeats=(10, 5), build_batch=6),
-             memory=dict(grid=[('small', 1, 4096), ('base', 1, 4096), ('small', 1, 16384), ('base', 1, 16384)],
-                         finder=dict(size='small', batch_size=1, budget_gb=8.0, multiple=16384, max_len=131072),
-                         after=[('small', 6, 8192)]),     # the release batch last: item `train` measures it compiled
-             generate=dict(size='small', ctx=4096, warmup=32, steps=64, backend='inductor')),
-    dry=dict(train=dict(size='tiny', L=256, batch=2, warmup=1, steps=2, workers=0),
-             attention=dict(lengths=(128, 256), heads=2, head_dim=32, dtype='float32', repeats=(2, 2), build_batch=2),
-             memory=dict(grid=[('tiny', 2, 512)],
-                         finder=dict(size='tiny', batch_size=1, budget_gb=None, multiple=128, max_len=4096), after=[]),
-             generate=dict(size='tiny', ctx=256, warmup=4, steps=8, backend='eager')))
+             # the release batch first: a cut then loses the finder, not the goal's row
+             memory=dict(rows=[('small', 6, 8192), ('small', 1, 4096), ('base', 1, 4096), ('small', 1, 16384), ('base', 1, 16384)],
+                         finder=dict(size='small', batch_size=1, budget_gb=8.0, multiple=8192, max_len=131072, max_probes=3)),
+             generate=dict(size='small', ctx=4096, steps=64, backend='inductor')),
+    # extra_slots: the dry run's short rows all have the same summary count; one multiple more gives every batch unused
+    # slots, as most batches have on the GPU (where the largest count sets the bound)
+    dry=dict(train=dict(size='tiny', L=256, batch=2, warmup=2, steps=2, workers=0, anchor_n=512, anchor_repeats=3, extra_slots=64),
+             attention=dict(lengths=(128, 256), heads=2, head_dim=32, dtype='float32', repeats=(2, 2), build_batch=1),
+             memory=dict(rows=[('tiny', 2, 512)],
+                         finder=dict(size='tiny', batch_size=1, budget_gb=None, multiple=128, max_len=4096, max_probes=2)),
+             generate=dict(size='tiny', ctx=256, steps=12, backend='inductor')))
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -64,7 +86,7 @@ def machine(device: str) -> str:
     gpu = 'none'
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        gpu = f"{p.name}, {p.total_memory / 2**30:.0f} GiB"
+        gpu = f"{p.name}, {p.total_memory / GiB:.0f} GiB"
     try:
         driver = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'], capture_output=True,
                                 text=True, timeout=20).stdout.strip().splitlines()[0]
@@ -84,12 +106,21 @@ def goal(ok: bool | None, dry: bool) -> str:
     return 'n/a (dry run)' if dry else '-' if ok is None else 'met' if ok else 'NOT met'
 
 
+def first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+
+
+STATUS_RUNNING = '**Status: running**'
+
+
 class Report:
-    "One item's markdown file, rewritten atomically after every addition: a cut item keeps what it finished."
-    def __init__(self, path: Path, title: str, dry: bool, device: str):
-        self.path, self.parts = path, [f"# GPU check: {title}", '', machine(device) + '.', '',
+    """One item's markdown file, rewritten atomically after every addition: a cut item keeps what it finished. The
+    status line under the machine line says `running` until the runner writes how the item ended."""
+    def __init__(self, path: Path, title: str, dry: bool, device: str, run_id: str):
+        self.path, self.parts = path, [f"# GPU check: {title}", '', machine(device) + f"; run `{run_id}`.", '',
+                                       STATUS_RUNNING + f" (run `{run_id}`; still here: the whole check was stopped during this item).", '',
                                        '**CPU dry run**: tiny sizes, short lengths; the figures check the code path, '
-                                       'not the GPU goals.' if dry else 'One CUDA device; goals beside the figures.']
+                                       'not the GPU goals.' if dry else 'One CUDA device; goals beside the figures; memory in GiB (2^30 bytes).']
         self.write()
 
     def add(self, *lines: str):
@@ -109,6 +140,19 @@ class Report:
         tmp.write_text('\n'.join(self.parts) + '\n'); os.replace(tmp, self.path)
 
 
+def set_status(md: Path, title: str, status: str, run_id: str, device: str):
+    "The runner's last word in an item's file: its status line replaces `running` (a file the item never wrote gets one)."
+    line = f"**Status: {status}** (run `{run_id}`)."
+    if not md.exists():
+        md.write_text(f"# GPU check: {title}\n\n{machine(device)}; run `{run_id}`.\n\n{line}\n\nThe item wrote nothing (see its log).\n")
+        return
+    lines = md.read_text().splitlines()
+    at = next((i for i, l in enumerate(lines) if l.startswith(STATUS_RUNNING)), None)
+    if at is None: lines += ['', line]
+    else: lines[at] = line
+    md.write_text('\n'.join(lines) + '\n')
+
+
 def load_bench(name: str):
     "A sibling benchmark script (bench/<name>.py) as a module, so its functions are reused, not copied."
     sys.path.insert(0, str(BENCH))
@@ -117,19 +161,67 @@ def load_bench(name: str):
     return mod
 
 
-class RecompileCounter:
-    "Counts dynamo recompilations (its `recompiles` log) and keeps their reasons, without printing them."
+class CompileWatch:
+    """Every compilation in this process: dynamo's frames and AOTAutograd's lazily compiled backward graphs, from
+    dynamo's compile callbacks, with their seconds; the failed guard of each recompilation, from its `recompiles` log
+    (kept, not printed). `mark()` then `since(mark)`: the compilations in a window (a timed window must have none)."""
     def __init__(self):
-        import torch
-        self.n, self.reasons = 0, []
+        import torch, torch._dynamo.callback as cb
+        self.starts, self.seconds, self.reasons, self._open, self.resets = [], 0.0, [], [], 0
+        cb.callback_handler.register_start_callback(self._start)
+        cb.callback_handler.register_end_callback(self._end)
         torch._logging.set_logs(recompiles=True)
-        logging.getLogger('torch._dynamo.guards.__recompiles').addFilter(self.record)
+        logging.getLogger('torch._dynamo.guards.__recompiles').addFilter(self._reason)
 
-    def record(self, rec) -> bool:
-        self.n += 1
+    def _start(self, args):
+        self.starts.append(f"{args.compile_id} ({args.callback_trigger.name.lower().replace('_', ' ')})")
+        self._open.append(time.perf_counter())
+
+    def _end(self, args):
+        if self._open: self.seconds += time.perf_counter() - self._open.pop()
+
+    def _reason(self, rec) -> bool:
         why = next((l.strip() for l in rec.getMessage().splitlines() if l.strip().startswith('- ')), '?')
         self.reasons.append(why.split('#')[0].strip(' -') or why)     # the failed guard, without the source comment
-        return False                                                  # counted here, not printed
+        return False
+
+    def _frames(self) -> int:
+        "Frames dynamo converted (skipped ones too), from its counters: they survive `torch._dynamo.reset()`, which drops callbacks."
+        from torch._dynamo.utils import counters
+        return counters['frames']['total']
+
+    def _ensure(self):
+        import torch._dynamo.callback as cb
+        if self._start not in cb.callback_handler.start_callbacks:
+            cb.callback_handler.register_start_callback(self._start); cb.callback_handler.register_end_callback(self._end)
+            self.resets += 1
+
+    @property
+    def n(self) -> int: return len(self.starts)
+    def mark(self) -> tuple: self._ensure(); return len(self.starts), self._frames(), self.resets
+
+    def since(self, mark: tuple) -> list[str]:
+        "The compilations after `mark`; where a reset dropped the callbacks meanwhile, dynamo's frame count stands in."
+        self._ensure()
+        seen = self.starts[mark[0]:]
+        if self.resets == mark[2]: return seen
+        unseen = self._frames() - mark[1] - sum('(dynamo)' in s for s in seen)
+        return seen + ['? (a frame converted while a reset had dropped the callbacks)'] * max(unseen, 0)
+
+    def cache(self) -> dict:
+        "FX graph and AOTAutograd cache hits and misses so far (the shared compile cache at work)."
+        from torch._dynamo.utils import counters
+        return dict(fx_hit=counters['inductor']['fxgraph_cache_hit'], fx_miss=counters['inductor']['fxgraph_cache_miss'],
+                    aot_hit=counters['aot_autograd']['autograd_cache_hit'], aot_miss=counters['aot_autograd']['autograd_cache_miss'])
+
+    def line(self) -> str:
+        c = self.cache()
+        return (f"{self.n} compilation(s), {self.seconds:.1f} s; compile cache: FX graphs {c['fx_hit']} hit / {c['fx_miss']} "
+                f"missed, AOTAutograd {c['aot_hit']} hit / {c['aot_miss']} missed")
+
+
+WATCH: CompileWatch | None = None      # the item's, set up by run_item before the item starts
+DEADLINE = float('inf')                # time.time() by which the runner cuts the item (its budget): items that pace themselves
 
 
 def sync():
@@ -143,6 +235,12 @@ def median_s(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(repeats):
         t = time.perf_counter(); fn(); sync(); times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def spec_peak_tflops(device_name: str) -> float | None:
+    "The device's dense bf16 peak from `SPEC_BF16_TFLOPS`, or None where the table has no entry for it."
+    name = device_name.upper()
+    return next((tflops for keys, tflops in SPEC_BF16_TFLOPS if all(k in name for k in keys)), None)
 
 
 # ---------------------------------------------------------------------------------------------- 1. gpu cells
@@ -318,53 +416,140 @@ def item_gpu_cells(cfg, rep: Report, dry: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- 2. training throughput
+def fixed_summary_slots(model, batches: list, extra: int = 0) -> tuple[int, list[int]]:
+    """One summary-slot count for every batch the item will step through (the largest of their own counts, already a
+    multiple of the mask's `summary_multiple`, plus `extra`), and their own counts; `model.build_masks` then pads every
+    batch to it, so the compiled step meets one shape. Unused slots end at L: no query reads them."""
+    from meloformer.attention import build_masks, n_summary_slots, segment_slots
+    from meloformer.train import batch_to
+    mult = model.cfg.mask.summary_multiple
+    own = []
+    for batch in batches:
+        _, meta, _ = batch_to(batch, 'cpu')
+        own.append(n_summary_slots(segment_slots(meta['seg'], meta.get('doc')), mult))
+    S = max(own) + extra
+    cfg = model.cfg
+    model.build_masks = lambda meta, backend=None: build_masks(meta, cfg.mask, backend or cfg.attn_backend, cfg.block_size, n_summaries=S)
+    return S, own
+
+
 def item_train(cfg, rep: Report, dry: bool) -> bool:
-    "bench/train.py's `Run` (a real `Trainer`, compiled) at the release's size, length and batch; its loop, with memory read out."
+    """bench/train.py's `Run` (a real `Trainer`, compiled) at the release's size, length and batch, the summary slots
+    padded to one count; the matmul anchor measured before and after the steps (its operands freed before the
+    memory peaks are reset); compilations after the warm-up fail the item."""
     import torch
     bt = load_bench('train')
     c = cfg['train']
     device = torch.device('cpu' if dry else 'cuda')
-    counter = RecompileCounter()
+    dtype = torch.float32 if dry else torch.bfloat16
     args = argparse.Namespace(device=device.type, num_workers=c['workers'], compile=True)
-    peak = lambda: bt.matmul_peak(device, 512 if dry else 8192, torch.float32 if dry else torch.bfloat16, repeats=3, warmup=1)['median']
+    name = 'cpu' if dry else torch.cuda.get_device_name()
+    spec = None if dry else spec_peak_tflops(name)
+    if dry:      # the table's lookup, checked where it cannot be measured
+        for dev_name, want in (('NVIDIA H100 80GB HBM3', 989), ('NVIDIA H100 PCIe', 756), ('NVIDIA H200', 989), ('NVIDIA H800', 989),
+                               ('NVIDIA A100-SXM4-80GB', 312), ('NVIDIA L40S', 362), ('NVIDIA H100 NVL', None), ('Tesla T4', None)):
+            assert spec_peak_tflops(dev_name) == want, (dev_name, spec_peak_tflops(dev_name), want)
+    def anchor() -> float:
+        "GFLOP/s of the square matmul; its operands are freed at once (they must not count in the steps' peaks)."
+        r = bt.matmul_peak(device, c['anchor_n'], dtype, repeats=c['anchor_repeats'], warmup=1)['median']
+        bt._operands.clear()
+        if not dry: torch.cuda.empty_cache()
+        return r
+    basis = (f"the spec dense bf16 peak of {name}, {spec:g} TFLOP/s" if spec else
+             f"the measured {'fp32' if dry else 'bf16'} matmul ({name} has no spec peak in the table)")
     rep.add(f"`{c['size']}` at L = {c['L']}, batch {c['batch']}, `museformer` masks, `torch.compile` through `Trainer` "
-            f"({'sdpa, fp32 (CPU: no flex backward)' if dry else 'flex, bf16 autocast'}), rows of the embedded demo corpus; "
-            f"{c['warmup']} warm-up step(s) (the first compiles), then {c['steps']} timed steps with bench/train.py's "
-            f"matmul anchor ({'fp32 512' if dry else 'bf16 8192'}) between them. Memory: `torch.cuda.max_memory_allocated` / "
-            "`max_memory_reserved` over warm-up and timed steps.", '', '## Steps', '')
+            f"({'sdpa, fp32 (CPU: no flex backward), inductor' if dry else 'flex, bf16 autocast'}), rows of the embedded demo "
+            f"corpus drawn before the first step; the summary slots of every batch padded to the largest count among them"
+            f"{f' plus {extra}' if (extra := c['extra_slots']) else ''}, so the compiled step keeps one shape. {c['warmup']} warm-up step(s) (the first compiles), then {c['steps']} timed steps "
+            f"(any compilation among them fails the item). MFU against {basis}; the matmul anchor ({'fp32' if dry else 'bf16'} "
+            f"{c['anchor_n']} x {c['anchor_n']}, median of {c['anchor_repeats']}) is measured before the warm-up and after the timed "
+            "steps, and its operands are freed before the memory peaks are reset. Memory: `torch.cuda.max_memory_allocated` / "
+            "`max_memory_reserved` of the timed steps (reset after the warm-up, the allocator's cache emptied), GiB.",
+            '', '## Steps', '')
+    ok = True
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        run = bt.Run(c['size'], c['L'], 'museformer', c['batch'], args, tmp)
+        with inductor_in_dry_run(): run = bt.Run(c['size'], c['L'], 'museformer', c['batch'], args, tmp)   # Trainer compiles here
+        trainer = run.trainer
+        batches = [trainer._next_batch(run.phase) for _ in range(c['warmup'] + c['steps'])]   # recorded by Run, in order
+        trainer._next_batch = lambda phase, queue=iter(batches): next(queue)
+        S, own = fixed_summary_slots(trainer.model, batches, c['extra_slots'])
         setup_s = time.perf_counter() - t0
-        peak()                                        # the anchor's operands exist before the peaks are reset
+        anchor_before = anchor()
         if not dry: torch.cuda.reset_peak_memory_stats()
-        steps = []
+        steps, compiled_at = [], WATCH.mark()
         for i in range(c['warmup']):
             dt, loss, _ = run.step()
-            steps.append(dict(step=f'warm-up {i + 1}', seconds=f'{dt:.2f}', loss=f'{loss:.3f}', recompiles_so_far=counter.n))
-            rep.rows(steps)
-        anchor = peak()
+            steps.append(dict(step=f'warm-up {i + 1}', seconds=f'{dt:.2f}', loss=f'{loss:.3f}', compilations=len(WATCH.since(compiled_at))))
+            rep.rows(steps); compiled_at = WATCH.mark()
+        warm_alloc = torch.cuda.max_memory_allocated() / GiB if not dry else None
+        if not dry: torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+        timed_at, timed = WATCH.mark(), []
         for i in range(c['steps']):
             dt, loss, cpu_util = run.step()
-            after = peak(); run.steps.append((dt, loss, (anchor + after) / 2, cpu_util)); anchor = after
-            steps.append(dict(step=f'timed {i + 1}', seconds=f'{dt:.3f}', loss=f'{loss:.3f}', recompiles_so_far=counter.n))
-            rep.rows(steps)
-        alloc = torch.cuda.max_memory_allocated() / 1e9 if not dry else None
-        reserved = torch.cuda.max_memory_reserved() / 1e9 if not dry else None
+            timed.append((dt, loss, cpu_util))
+            steps.append(dict(step=f'timed {i + 1}', seconds=f'{dt:.3f}', loss=f'{loss:.3f}', compilations=len(WATCH.since(compiled_at))))
+            rep.rows(steps); compiled_at = WATCH.mark()
+        late = WATCH.since(timed_at)
+        alloc = torch.cuda.max_memory_allocated() / GiB if not dry else None
+        reserved = torch.cuda.max_memory_reserved() / GiB if not dry else None
+        anchor_after = anchor()
+        run.steps = [(dt, loss, (anchor_before + anchor_after) / 2, cpu_util) for dt, loss, cpu_util in timed]
         s = run.summary()
-    peak_gb = reserved
-    row = {'size': s['size'], 'params': f"{s['params'] / 1e6:.2f}M", 'L': s['L'], 'batch': s['batch'], 's/step': f"{s['step_s']:.3f}",
-           'tokens/s (real)': f"{s['tok_s']:,.0f}", f"goal >= {GOALS['tokens_per_s']:,}": goal(s['tok_s'] >= GOALS['tokens_per_s'], dry),
-           'MFU dense-eq': f"{s['mfu_dense']:.1%}", 'MFU attended pairs': f"{s['mfu_pairs']:.1%}", 'anchor GFLOP/s': f"{s['anchor']:.0f}",
-           'peak allocated GB': '-' if alloc is None else f'{alloc:.2f}', 'peak reserved GB': '-' if reserved is None else f'{reserved:.2f}',
-           f"goal <= {GOALS['peak_gb']:g} GB (reserved)": goal(None if peak_gb is None else peak_gb <= GOALS['peak_gb'], dry),
-           'recompiles': counter.n, 'first step s (compile)': steps[0]['seconds'], 'masks ms': f"{s['mask_ms']:.1f}", 'set-up s': f'{setup_s:.1f}'}
+    matmul = (anchor_before + anchor_after) / 2           # GFLOP/s
+    peak_gflops = spec * 1e3 if spec else matmul
+    row = {'size': s['size'], 'params': f"{s['params'] / 1e6:.2f}M", 'L': s['L'], 'batch': s['batch'], 'summary slots': S,
+           's/step': f"{s['step_s']:.3f}", 'tokens/s (real)': f"{s['tok_s']:,.0f}",
+           f"goal >= {GOALS['tokens_per_s']:,}": goal(s['tok_s'] >= GOALS['tokens_per_s'], dry),
+           f"MFU dense-eq (vs {'spec' if spec else 'matmul'})": f"{s['gflops_dense'] / peak_gflops:.1%}",
+           f"MFU attended pairs (vs {'spec' if spec else 'matmul'})": f"{s['gflops_pairs'] / peak_gflops:.1%}",
+           'spec peak TFLOP/s': f'{spec:g}' if spec else 'not in table',
+           'measured matmul TFLOP/s': f"{matmul / 1e3:.3g} ({anchor_before / 1e3:.3g} before, {anchor_after / 1e3:.3g} after)",
+           'peak allocated GiB': '-' if alloc is None else f'{alloc:.2f}', 'peak reserved GiB': '-' if reserved is None else f'{reserved:.2f}',
+           f"goal <= {GOALS['peak_gib']:.2f} GiB (15 GB, reserved)": goal(None if reserved is None else reserved <= GOALS['peak_gib'], dry),
+           'warm-up peak allocated GiB': '-' if warm_alloc is None else f'{warm_alloc:.2f}',
+           'compilations (warm-up / timed)': f"{WATCH.n - len(late)} / {len(late)}", 'compile s': f'{WATCH.seconds:.1f}',
+           'first step s': steps[0]['seconds'], 'masks ms': f"{s['mask_ms']:.1f}", 'set-up s': f'{setup_s:.1f}'}
     rep.add('## Result', '', md_table([row]), '',
             f"Pad {s['pad_frac']:.1%}; attended pairs per real token {s['pairs_per_tok']:.0f}; loss {s['loss_first']:.3f} -> {s['loss_last']:.3f} "
             f"over the timed steps. MFU as in bench/train.py (dense-equivalent: 6N + 12 n_layer d_model L per token; attended "
-            f"pairs: the True entries of the batch's masks). Peak memory in GB (1e9 bytes), the goal's unit." +
-            (f" Recompile reasons: {'; '.join(counter.reasons[:4])}." if counter.reasons else ''))
-    return True
+            f"pairs: the True entries of the batch's masks), divided by {'the spec peak' if spec else 'the measured matmul'}. "
+            f"Summary slots of these batches on their own: {', '.join(map(str, sorted(set(own))))} (the Trainer pads each batch "
+            f"to a multiple of {trainer.model.cfg.mask.summary_multiple}: a real run compiles once per distinct count)." +
+            (f" Recompile reasons: {'; '.join(WATCH.reasons[:4])}." if WATCH.reasons else ''))
+    if late:
+        rep.add(f"**FAIL**: {len(late)} compilation(s) inside the timed steps ({', '.join(late[:6])}): the figures above include "
+                "compile time." + (f" Reasons: {'; '.join(WATCH.reasons[-4:])}." if WATCH.reasons else ''))
+        ok = False
+    if dry: ok &= dry_flex_forward(c, batches, rep)
+    return ok
+
+
+def dry_flex_forward(c, batches: list, rep: Report) -> bool:
+    """Dry run: what CPU allows of the GPU's step, flex masks through the compiled model: forward only (flex has no CPU
+    backward), `aot_eager`, the same batches and padding; a compilation after the warm-up batches fails."""
+    import torch
+    from meloformer.model import MeloFormer, ModelConfig
+    from meloformer.tokenizer import HIDTokenizer
+    from meloformer.train import batch_to
+    torch.manual_seed(0)
+    model = MeloFormer(ModelConfig.from_size(c['size'], vocab_size=HIDTokenizer().vocab_size, attn_backend='flex')).eval()
+    S, _ = fixed_summary_slots(model, batches, c['extra_slots'])
+    forward = torch.compile(model, dynamic=False, backend='aot_eager')
+    rows, late = [], []
+    for i, batch in enumerate(batches):
+        ids, meta, _ = batch_to(batch, 'cpu')
+        at, t0 = WATCH.mark(), time.perf_counter()
+        with torch.no_grad(): forward(ids, meta, model.build_masks(meta))
+        got = WATCH.since(at)
+        if i >= c['warmup']: late += got
+        rows.append(dict(batch=f"{'warm-up' if i < c['warmup'] else 'timed'} {i + 1}", seconds=f'{time.perf_counter() - t0:.2f}',
+                         compilations=len(got)))
+    rep.add('## Flex forward, compiled (dry run)', '', f"The GPU step's flex path as far as CPU goes: a `{c['size']}` model with "
+            f"`attn_backend='flex'`, its forward compiled (`aot_eager`), on the same batches with the summary slots padded to {S}; "
+            "no backward (FlexAttention has none on CPU).", '', md_table(rows))
+    if late: rep.add(f"**FAIL**: {len(late)} compilation(s) after the warm-up batches ({', '.join(late[:6])}).")
+    return not late
 
 
 # ---------------------------------------------------------------------------------------------- 3. attention
@@ -433,7 +618,9 @@ def item_attention(cfg, rep: Report, dry: bool) -> bool:
 
 # ---------------------------------------------------------------------------------------------- 4. memory
 def item_memory(cfg, rep: Report, dry: bool) -> bool:
-    "meloformer.memory's estimator against measured steps, one row at a time, then its length finder."
+    """meloformer.memory's estimator against measured steps, one row at a time (the release batch first), then the
+    length finder's answer checked by measured steps: at most `max_probes`, each started only if the item's budget
+    still covers the longest step measured so far."""
     import torch
     from meloformer.memory import compare_estimates, find_max_seq_len, estimate_memory, measure_step
     from meloformer.model import ModelConfig
@@ -447,130 +634,194 @@ def item_memory(cfg, rep: Report, dry: bool) -> bool:
         import torch._dynamo.config as dc
         for name in ('recompile_limit', 'cache_size_limit', 'accumulated_recompile_limit'):
             if hasattr(dc, name): setattr(dc, name, 256)
-    rep.add(f"`compare_estimates` one row at a time ({kw['precision']}, {kw['backend']}, 2 eager training steps per row on the "
-            f"demo corpus tiled to L; {'CPU: peak RSS of a fresh process' if dry else 'CUDA: max_memory_allocated'}), then "
-            "`find_max_seq_len`" + (" with the estimator, checked by one measured step at the length it finds." if dry else
-            " measured (a binary search of real steps) beside the estimator's answer.") +
-            f" Goal: estimate within {GOALS['estimator_pct']:g}% of the measured peak.", '', '## Estimator vs measured', '')
-    rows = []
-    def estimator_rows(grid):
-        for size, B, L in grid:
-            t0 = time.perf_counter()
-            try: r = compare_estimates([(size, B, L)], device=dev, **kw).iloc[0]
-            except torch.cuda.OutOfMemoryError:
-                rows.append(dict(size=size, batch=B, seq_len=L, measured_MiB='out of memory', seconds=f'{time.perf_counter() - t0:.1f}'))
-            else:
-                err = float(r.error_pct)
-                rows.append(dict(size=size, batch=B, seq_len=int(r.seq_len), measured_MiB=r.measured_mb, estimated_MiB=r.estimated_mb,
-                                 error_pct=f'{err:+.1f}', goal=f"within {GOALS['estimator_pct']:g}%: {goal(abs(err) <= GOALS['estimator_pct'], dry)}",
-                                 seconds=f'{time.perf_counter() - t0:.1f}'))
-            rep.rows(rows)
-            if not dry: torch.cuda.empty_cache()
-    estimator_rows(c['grid'])
     f = dict(c['finder'])
-    size = f.pop('size')
+    size, max_probes = f.pop('size'), f.pop('max_probes')
+    rep.add(f"`compare_estimates` one row at a time ({kw['precision']}, {kw['backend']}, 2 eager training steps per row on the "
+            f"demo corpus tiled to L; {'CPU: peak RSS of a fresh process' if dry else 'CUDA: max_memory_allocated'}), the release "
+            f"batch first; then `find_max_seq_len` (the estimator's answer) checked by measured steps: at that length and the next "
+            f"multiple, or down until one fits; at most {max_probes} probes, each started only if the item's time budget covers the "
+            f"longest step measured so far. Goal: estimate within {GOALS['estimator_pct']:g}% of the measured peak. Memory in GiB.",
+            '', '## Estimator vs measured', '')
+    longest = [0.0]                     # seconds of the slowest measured row: what a next probe must have time for
+    def measured(size, B, L) -> tuple[float | None, float]:
+        "Peak GiB of a measured step (None: out of memory) and its seconds."
+        t0 = time.perf_counter()
+        try: peak = measure_step(size, B, L, dev, **kw)['peak_mb'] / 1024
+        except torch.cuda.OutOfMemoryError: peak = None
+        finally:
+            if not dry: torch.cuda.empty_cache()
+        dt = time.perf_counter() - t0; longest[0] = max(longest[0], dt)
+        return peak, dt
+    rows = []
+    for size_, B, L in c['rows']:
+        t0 = time.perf_counter()
+        try: r = compare_estimates([(size_, B, L)], device=dev, **kw).iloc[0]
+        except torch.cuda.OutOfMemoryError:
+            rows.append(dict(size=size_, batch=B, seq_len=L, measured_GiB='out of memory', seconds=f'{time.perf_counter() - t0:.1f}'))
+        else:
+            err = float(r.error_pct)
+            rows.append(dict(size=size_, batch=B, seq_len=int(r.seq_len), measured_GiB=f'{r.measured_mb / 1024:.3f}',
+                             estimated_GiB=f'{r.estimated_mb / 1024:.3f}', error_pct=f'{err:+.1f}',
+                             goal=f"within {GOALS['estimator_pct']:g}%: {goal(abs(err) <= GOALS['estimator_pct'], dry)}",
+                             seconds=f'{time.perf_counter() - t0:.1f}'))
+        finally:
+            if not dry: torch.cuda.empty_cache()
+        longest[0] = max(longest[0], time.perf_counter() - t0)
+        rep.rows(rows)
     if f['budget_gb'] is None:       # dry run: the budget the estimator gives a 1024-token step of this size
         f['budget_gb'] = round(estimate_memory(ModelConfig.from_size(size, vocab_size=HIDTokenizer().vocab_size), 1, 1024, **kw, device=dev)['total'] / 1024, 3)
-    frows = []
-    for measure in ([False] if dry else [True, False]):
-        t0 = time.perf_counter()
-        r = find_max_seq_len(size, device=dev, measure=measure, **f, **kw)
-        frows.append(dict(size=size, batch=r['batch_size'], budget_GB=r['budget_gb'], max_seq_len=r['max_seq_len'], how=r['how'],
-                          seconds=f'{time.perf_counter() - t0:.1f}'))
-        if not dry: torch.cuda.empty_cache()
-    if dry:                          # the finder's answer, measured: does a step of that length fit the budget?
-        m = measure_step(size, f['batch_size'], frows[0]['max_seq_len'], dev, **kw)
-        frows[0]['measured MiB at that length'] = m['peak_mb']
-        frows[0]['budget MiB'] = round(f['budget_gb'] * 1024, 1)
-    rep.add('## Longest sequence that fits', '', f"`find_max_seq_len(size, budget_gb, batch_size, multiple={f['multiple']}, "
-            f"max_len={f['max_len']})`.", '', md_table(frows))
-    if c['after']:
-        rep.add('## Estimator vs measured: the release batch', '')
-        rows = []
-        estimator_rows(c['after'])
+    answer = find_max_seq_len(size, device=dev, measure=False, **f, **kw)['max_seq_len']
+    mult, B, budget = f['multiple'], f['batch_size'], f['budget_gb']
+    rep.add('## Longest sequence that fits', '', f"`find_max_seq_len('{size}', budget_gb={budget:g}, batch_size={B}, multiple={mult}, "
+            f"max_len={f['max_len']})` (the estimator): **{answer}** tokens. Measured probes:", '')
+    probes, fits, L, left = [], {}, max(answer, mult), ''
+    while True:
+        if len(probes) >= max_probes: left = f'probe cap ({max_probes}) reached'; break
+        if time.time() + longest[0] + 10 > DEADLINE: left = "the item's budget left no time for another probe"; break
+        peak, dt = measured(size, B, L)
+        fits[L] = peak is not None and peak <= budget
+        probes.append(dict(seq_len=L, measured_GiB='out of memory' if peak is None else f'{peak:.3f}', budget_GiB=f'{budget:g}',
+                           fits='yes' if fits[L] else 'no', seconds=f'{dt:.1f}'))
+        rep.rows(probes)
+        if fits[L] and L + mult <= f['max_len'] and L + mult not in fits: L += mult     # does the next multiple fit too?
+        elif not fits[L] and L - mult >= mult and L - mult not in fits: L -= mult       # too long: one multiple down
+        else: break
+    if not probes: rep.add('(none)')
+    yes, no = [k for k, v in fits.items() if v], [k for k, v in fits.items() if not v]
+    longest_fit, shortest_miss = max(yes, default=None), min(no, default=None)
+    if longest_fit == answer and (shortest_miss == answer + mult or answer + mult > f['max_len']): verdict = 'the finder is exact'
+    elif longest_fit is not None and longest_fit > answer: verdict = f'the finder is cautious: {longest_fit} fits'
+    elif shortest_miss is not None and shortest_miss <= answer:
+        verdict = f'the finder is optimistic: {shortest_miss} does not fit' + (f', {longest_fit} does' if longest_fit else '')
+    else: verdict = 'undecided'
+    rep.add(f"Verdict: {verdict}" + (f" ({left})." if left and verdict == 'undecided' else '.') + f" Budget {budget:g} GiB.")
     return True
 
 
 # ---------------------------------------------------------------------------------------------- 5. generation
+# the cache's fill position (`DecodeCache.length`, argument 1 of forward_cached behind its no_grad wrapper) changes at
+# every step: compiled dynamic from the first call, not specialized on it and recompiled at the next step
+DECODE_DYNAMIC_SOURCES = "L['args'][1].length"
+
+
 def item_generate(cfg, rep: Report, dry: bool) -> bool:
-    "Cached decoding (IncrementalDecoder) at a long context, eager and with the one-token step compiled."
+    """Cached decoding (IncrementalDecoder) at a long context, eager and with the one-token step compiled. Each way
+    decodes the same positions twice: an untimed pass (it compiles every shape and branch the steps meet: tokens
+    that close a segment run the summary branch), then the timed pass; a compilation in the timed pass fails."""
     import torch
+    import torch.compiler.config as compiler_config
     import meloformer.generate as mg
     from meloformer.tokenizer import HIDTokenizer
     from meloformer.model import MeloFormer, ModelConfig
     bg = load_bench('generate')
     c = cfg['generate']
     dev = 'cpu' if dry else 'cuda'
+    ctx, n = c['ctx'], c['steps']
     tok = HIDTokenizer()
-    ids = bg.stream(tok, c['ctx'] + c['warmup'] + c['steps'] + 1)
-    n_seg = int(tok.annotate(ids)['seg'].max()) + 2
+    ids = bg.stream(tok, ctx + n + 1)
+    seg = tok.annotate(ids)['seg']
+    closing = int(sum(seg[i] != seg[i - 1] and seg[i - 1] >= 0 for i in range(ctx, ctx + n)))   # steps that close a segment
+    n_seg = int(seg.max()) + 2
     torch.manual_seed(0)
     model = MeloFormer(ModelConfig.from_size(c['size'], vocab_size=tok.vocab_size)).to(dev).eval()
-    rep.add(f"`{c['size']}` (fp32, batch 1, `museformer` masks), a real token stream teacher forced: prefill {c['ctx']} tokens "
-            f"(eager), {c['warmup']} warm-up steps, then {c['steps']} timed one-token steps through `IncrementalDecoder.feed`. "
-            f"Compiled: `torch.compile(meloformer.generate.forward_cached, backend={c['backend']!r})` for the steps "
-            "(the prefill stays eager)." + (" Dry run: dynamo with the eager backend (no inductor code generation)." if dry else ''),
-            '', '## Tokens per second', '')
-    def decode(step_fn) -> tuple[float, float]:
-        dec = mg.IncrementalDecoder(model, tok, 1, max_len=c['ctx'] + c['warmup'] + c['steps'] + 8, max_segments=n_seg, device=dev)
-        with torch.no_grad():
-            dec.feed(ids[None, :c['ctx']]); sync()
-            mg.forward_cached = step_fn
-            try:
-                t0 = time.perf_counter()
-                for i in range(c['ctx'], c['ctx'] + c['warmup']): dec.feed(ids[None, i:i + 1])
-                sync(); warm = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for i in range(c['ctx'] + c['warmup'], c['ctx'] + c['warmup'] + c['steps']): dec.feed(ids[None, i:i + 1])
-                sync(); return c['steps'] / (time.perf_counter() - t0), warm
-            finally: mg.forward_cached = eager_step
+    compiler_config.dynamic_sources = DECODE_DYNAMIC_SOURCES
+    rep.add(f"`{c['size']}` (fp32, batch 1, `museformer` masks), a real token stream teacher forced: prefill {ctx} tokens (eager), "
+            f"then {n} one-token steps through `IncrementalDecoder.feed` ({closing} of them close a segment and run the summary "
+            f"branch), twice: an untimed pass, then the same positions timed. Compiled: `torch.compile(meloformer.generate."
+            f"forward_cached, backend={c['backend']!r})` for the steps (the prefill stays eager), the cache position dynamic "
+            f"(`torch.compiler.config.dynamic_sources`); any compilation in the timed pass fails the item." +
+            (" Dry run: inductor's CPU code generation." if dry else ''), '', '## Tokens per second', '')
     eager_step = mg.forward_cached
-    eager, _ = decode(eager_step)
-    rows = [{'step': 'eager', 'tokens/s': f'{eager:,.1f}', 'vs eager': '1.00x', 'warm-up s': '-', 'recompiles': '-'}]
+    def decode(step_fn) -> tuple[float, float, int, list]:
+        "Tokens/s of the timed pass, seconds of the untimed one, compilations in the untimed and in the timed pass."
+        seconds, compiles = [], []
+        for timed in (False, True):
+            dec = mg.IncrementalDecoder(model, tok, 1, max_len=ctx + n + 8, max_segments=n_seg, device=dev)
+            with torch.no_grad():
+                dec.feed(ids[None, :ctx]); sync()
+                mg.forward_cached = step_fn
+                try:
+                    at, t0 = WATCH.mark(), time.perf_counter()
+                    for i in range(ctx, ctx + n): dec.feed(ids[None, i:i + 1])
+                    sync(); seconds.append(time.perf_counter() - t0); compiles.append(WATCH.since(at))
+                finally: mg.forward_cached = eager_step
+        return n / seconds[1], seconds[0], len(compiles[0]), compiles[1]
+    eager, eager_warm, _, _ = decode(eager_step)
+    rows = [{'step': 'eager', 'tokens/s': f'{eager:,.1f}', 'vs eager': '1.00x', 'untimed pass s': f'{eager_warm:.2f}',
+             'compilations (untimed / timed)': '-'}]
     rep.rows(rows)
-    counter = RecompileCounter()
     from torch._dynamo.utils import counters
     frames = counters['frames']['total']
-    compiled_ok = True
+    ok, note = True, ''
     try:
-        compiled, warm = decode(torch.compile(eager_step, backend=c['backend']))
+        compiled, warm, n_warm, late = decode(torch.compile(eager_step, backend=c['backend']))
         rows.append({'step': f"compiled ({c['backend']})", 'tokens/s': f'{compiled:,.1f}', 'vs eager': f'{compiled / eager:.2f}x',
-                     'warm-up s': f'{warm:.1f}', 'recompiles': counter.n})
-        note = f"Recompile reasons (first 4): {'; '.join(counter.reasons[:4])}." if counter.reasons else ''
+                     'untimed pass s': f'{warm:.1f}', 'compilations (untimed / timed)': f'{n_warm} / {len(late)}'})
+        if late:
+            ok = False
+            note = (f"**FAIL**: {len(late)} compilation(s) inside the timed steps ({', '.join(late[:6])}); the tokens/s above include "
+                    "compile time." + (f" Reasons: {'; '.join(WATCH.reasons[-4:])}." if WATCH.reasons else ''))
+        elif WATCH.reasons: note = f"Recompile reasons in the untimed pass (first 4): {'; '.join(WATCH.reasons[:4])}."
     except Exception as e:
         traceback.print_exc()
-        rows.append({'step': 'compiled', 'tokens/s': 'not available', 'vs eager': '-', 'warm-up s': '-', 'recompiles': counter.n})
-        compiled_ok = False                           # a check that cannot compile the step has failed, not passed
-        note = f"Compiling the one-token step failed with the current code: `{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}`."
+        rows.append({'step': 'compiled', 'tokens/s': 'not available', 'vs eager': '-', 'untimed pass s': '-',
+                     'compilations (untimed / timed)': f'{WATCH.n} / -'})
+        ok = False                                    # a check that cannot compile the step has failed, not passed
+        note = f"Compiling the one-token step failed with the current code: `{first_line(e)}`."
     rep.rows(rows)
     if note: rep.add(note)
     if counters['frames']['total'] == frames:        # the check itself is out of date: fail, do not report eager as compiled
         raise RuntimeError("the compiled step was never called: IncrementalDecoder.feed no longer calls meloformer.generate.forward_cached")
-    return compiled_ok
+    return ok
 
 
 # ---------------------------------------------------------------------------------------------- runner
 TITLES = dict(gpu_cells='the `#| gpu` notebook cells', train='training throughput', attention='attention forward + backward',
               memory='memory estimator and length finder', generate='cached generation')
+DRY_BACKEND = 'aot_eager'              # dry run: torch.compile's backend where a call names none (dynamo and AOTAutograd
+                                       # trace as on the GPU, no code generation: a short dry run); `inductor_in_dry_run` below
 
 
-def run_item(item: str, out_dir: Path, dry: bool) -> int:
-    "In a child process: one item, its report, exit 0 (passed) or 1 (a check failed or an error)."
+@contextlib.contextmanager
+def inductor_in_dry_run():
+    "Dry run: what is compiled inside this block (a `Trainer`'s model) is compiled by inductor, as on the GPU."
+    global DRY_BACKEND
+    before, DRY_BACKEND = DRY_BACKEND, 'inductor'
+    try: yield
+    finally: DRY_BACKEND = before
+
+
+def run_item(item: str, out_dir: Path, dry: bool, run_id: str, deadline: float) -> int:
+    "In a child process: one item, its report; exit 0 (passed), 1 (a check failed) or 3 (the item raised)."
+    global WATCH, DEADLINE
+    t0, DEADLINE = time.perf_counter(), deadline
     import torch
     torch.manual_seed(0)
-    if dry:     # dynamo and AOTAutograd trace as on the GPU; inductor's CPU code generation (C++, not the GPU's Triton) is skipped
+    if dry:
         import functools
+        import torch._inductor.config as inductor_config
         compile_ = torch.compile
-        torch.compile = functools.wraps(compile_)(lambda *args, **kw: compile_(*args, **{'backend': 'aot_eager', **kw}))
-    rep = Report(out_dir / f'{item}.md', TITLES[item], dry, 'cpu' if dry else f'cuda ({torch.cuda.get_device_name()})')
-    t0 = time.perf_counter()
+        torch.compile = functools.wraps(compile_)(lambda *args, **kw: compile_(*args, **{'backend': DRY_BACKEND, **kw}))
+        inductor_config.cpp.vec_isa_ok = False   # scalar C++: the same lowering; no vector-ISA probe builds, a shorter compile
+    WATCH = CompileWatch()
+    rep = Report(out_dir / f'{item}.md', TITLES[item], dry, 'cpu' if dry else f'cuda ({torch.cuda.get_device_name()})', run_id)
     try: ok = globals()[f'item_{item}'](CONFIG['dry' if dry else 'gpu'], rep, dry)
     except Exception as e:
         traceback.print_exc()
-        rep.add(f"**ERROR** after {time.perf_counter() - t0:.0f} s: `{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}` "
-                "(traceback in the log)."); return 1
-    rep.add(f"Item time {time.perf_counter() - t0:.0f} s{'' if ok else '; **a check FAILED** (see above)'}.")
-    return 0 if ok else 1
+        rep.add(f"**ERROR** after {time.perf_counter() - t0:.0f} s: `{first_line(e)}` (traceback in the log)."); ok = None
+    rep.add(f"Item time {time.perf_counter() - t0:.0f} s; {WATCH.line()}." + ('' if ok or ok is None else ' **A check FAILED** (see above).'))
+    (out_dir / 'logs' / f'{item}.json').write_text(json.dumps(dict(run_id=run_id, compile_s=round(WATCH.seconds, 1), compilations=WATCH.n, **WATCH.cache())))
+    return 0 if ok else 3 if ok is None else 1
+
+
+def stop(p: subprocess.Popen) -> str:
+    "End an item over its budget and whatever it started (compile workers, loaders): '' when it is gone, else why not."
+    for sig, grace_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+        try: os.killpg(p.pid, sig)
+        except ProcessLookupError: pass
+        try: p.wait(timeout=grace_s); return ''
+        except subprocess.TimeoutExpired: continue
+    return f"process {p.pid} still there 30 s after SIGKILL (stuck in the kernel or the driver); left behind"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -578,13 +829,32 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dry-run', action='store_true', help="run every item on CPU with tiny sizes and short lengths (CI)")
     p.add_argument('--items', nargs='+', choices=ITEMS, default=ITEMS, help="items to run, in the given order (default: all)")
-    p.add_argument('--out_dir', default=None, help="where <item>.md and summary.md go (default: bench/results/gpu; dry run: a new temp folder)")
-    p.add_argument('--budgets', nargs='+', default=[], metavar='ITEM=SECONDS', help="override an item's time budget, e.g. train=300")
+    p.add_argument('--out_dir', default=None, help="where <item>.md, summary.md, logs/ and compile_cache/ go (default: "
+                   "bench/results/gpu; dry run: a new temp folder); delete compile_cache/ there for a cold run")
+    p.add_argument('--budgets', nargs='+', default=[], metavar='ITEM=SECONDS', help="override an item's time budget, e.g. train=300 "
+                   f"(defaults: GPU {', '.join(f'{k} {v}' for k, v in BUDGET_GPU.items())}; dry run "
+                   f"{', '.join(f'{k} {v}' for k, v in BUDGET_DRY.items())}, gpu_cells 300 with --rehearse)")
     p.add_argument('--total_s', type=float, default=None, help=f"budget of the whole run (default: {TOTAL_GPU} s on GPU, {TOTAL_DRY} s dry)")
     p.add_argument('--rehearse', action='store_true', help="dry run: also run the gpu notebook cells on CPU (device 'cpu', tiny "
-                   "model, lengths 256) up to their first flex backward; ~1-2 minutes more, not in CI")
+                   "model, lengths 256) up to their first flex backward (~20 s more; CI does)")
     p.add_argument('--_child', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--_run_id', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--_deadline', type=float, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def write_summary(out: Path, dry: bool, run_id: str, start: float, total: float, rows: list[dict], pending: list[str]):
+    "summary.md after every item: a check stopped half way still says which items it finished."
+    lines = [f"# GPU check{' (CPU dry run)' if dry else ''}", '', f"{machine('cpu' if dry else 'cuda')}; run `{run_id}`.", '',
+             f"{'Whole run' if not pending else 'So far'} {time.perf_counter() - start:.0f} s (budget {total:.0f} s)" +
+             (f"; not yet run: {', '.join(pending)}" if pending else '') + '.', '', md_table(rows) if rows else '(no item finished yet)']
+    others = []
+    for md in sorted(out.glob('*.md')):
+        if md.stem in ITEMS and md.stem not in {r['item'] for r in rows} and md.stem not in pending:
+            m = re.search(r'run `([^`]+)`', md.read_text())
+            others.append(f"`{md.name}` (run `{m.group(1) if m else '?'}`)")
+    if others: lines += ['', f"Item files of earlier runs in this folder, not this run's: {', '.join(others)}."]
+    (out / 'summary.md').write_text('\n'.join(lines) + '\n')
 
 
 def main(argv=None) -> int:
@@ -593,7 +863,7 @@ def main(argv=None) -> int:
     REHEARSE = a.rehearse
     if a.rehearse and not a.dry_run:
         print("gpu_check.py: --rehearse goes with --dry-run (on a GPU the cells run for real)", file=sys.stderr); return 2
-    if a._child: return run_item(a._child, Path(a.out_dir), a.dry_run)
+    if a._child: return run_item(a._child, Path(a.out_dir), a.dry_run, a._run_id or '?', a._deadline or float('inf'))
     budgets = dict(BUDGET_DRY if a.dry_run else BUDGET_GPU)
     if a.rehearse: budgets['gpu_cells'] = 300          # three cells compiled and run on CPU
     for spec in a.budgets:
@@ -608,43 +878,55 @@ def main(argv=None) -> int:
     out = Path(a.out_dir) if a.out_dir else Path(tempfile.mkdtemp(prefix='meloformer-gpu-dry-')) if a.dry_run else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / 'logs').mkdir(exist_ok=True)
+    run_id = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    cache = (out / 'compile_cache').resolve()
+    # one compile cache for every item (and the next run): what an item compiled, a later one loads
+    cache_env = dict(TORCHINDUCTOR_CACHE_DIR=str(cache / 'inductor'), TRITON_CACHE_DIR=str(cache / 'triton'),
+                     TORCHINDUCTOR_FX_GRAPH_CACHE='1', TORCHINDUCTOR_AUTOGRAD_CACHE='1')
     total = a.total_s or (TOTAL_DRY if a.dry_run else TOTAL_GPU)
-    print(f"GPU check{' (CPU dry run)' if a.dry_run else ''}: items {', '.join(a.items)}; results in {out}; "
-          f"budgets {', '.join(f'{i} {budgets[i]:.0f} s' for i in a.items)}, whole run {total:.0f} s", flush=True)
+    print(f"GPU check{' (CPU dry run)' if a.dry_run else ''} run {run_id}: items {', '.join(a.items)}; results in {out}; compile cache "
+          f"{cache}; budgets {', '.join(f'{i} {budgets[i]:.0f} s' for i in a.items)}, whole run {total:.0f} s", flush=True)
     start, summary = time.perf_counter(), []
-    for item in a.items:
+    write_summary(out, a.dry_run, run_id, start, total, summary, list(a.items))
+    for k, item in enumerate(a.items):
         left = total - (time.perf_counter() - start)
         budget = min(budgets[item], left)
         md, log = out / f'{item}.md', out / 'logs' / f'{item}.log'
+        for stale in (md, md.with_suffix('.md.tmp'), out / 'logs' / f'{item}.json'): stale.unlink(missing_ok=True)
         if left < 15:
-            summary.append(dict(item=item, status='SKIPPED (no time left in the whole run)', seconds='0', file='-')); continue
+            set_status(md, TITLES[item], 'SKIPPED (no time left in the whole run)', run_id, 'cpu' if a.dry_run else 'cuda')
+            summary.append(dict(item=item, status='SKIPPED (no time left in the whole run)', seconds='0', file=md.name)); continue
         print(f"== {item} (budget {budget:.0f} s, log {log})", flush=True)
-        t0 = time.perf_counter()
+        t0, problem = time.perf_counter(), ''
         with open(log, 'w') as lf:
-            cmd = ([sys.executable, __file__, '--_child', item, '--out_dir', str(out)] + (['--dry-run'] if a.dry_run else [])
-                   + (['--rehearse'] if a.rehearse else []))
+            cmd = ([sys.executable, __file__, '--_child', item, '--out_dir', str(out), '--_run_id', run_id, '--_deadline', str(time.time() + budget)]
+                   + (['--dry-run'] if a.dry_run else []) + (['--rehearse'] if a.rehearse else []))
             # dry run: one thread per process; two OpenMP threads on two cores that other work shares made a tiny step ~4-70x slower
-            env = {**os.environ, **({'OMP_NUM_THREADS': '1'} if a.dry_run else {})}
+            env = {**os.environ, **cache_env, **({'OMP_NUM_THREADS': '1'} if a.dry_run else {})}
             p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
             try: rc = p.wait(timeout=budget)
-            except subprocess.TimeoutExpired:       # the item and whatever it started (compile workers, loaders)
-                os.killpg(p.pid, signal.SIGTERM)
-                try: p.wait(timeout=10)
-                except subprocess.TimeoutExpired: os.killpg(p.pid, signal.SIGKILL); p.wait()
-                rc = None
+            except subprocess.TimeoutExpired:
+                rc, problem = None, stop(p)
         dt = time.perf_counter() - t0
-        status = 'pass' if rc == 0 else f'CUT after {dt:.0f} s (budget {budget:.0f} s)' if rc is None else 'FAIL' if rc == 1 else f'ERROR (exit {rc})'
-        if rc is None:
-            with open(md, 'a') as f:
-                f.write(f"\n**CUT**: over its budget of {budget:.0f} s; the figures above are those finished before the cut.\n")
+        status = ('pass' if rc == 0 else f'CUT after {dt:.0f} s (budget {budget:.0f} s)' if rc is None else 'FAIL' if rc == 1
+                  else 'ERROR (the item raised)' if rc == 3 else f'ERROR (exit {rc})')
+        if problem: status += f'; {problem}'
+        detail = {'CUT': 'over its budget; the figures in this file are those finished before the cut',
+                  'FAIL': 'a check failed (see above)', 'ERROR (the item': 'see the error above and logs/' + item + '.log',
+                  'ERROR (exit': f'the process ended abnormally (see logs/{item}.log)'}
+        set_status(md, TITLES[item], status + next((f': {v}' for k_, v in detail.items() if status.startswith(k_)), ''), run_id,
+                   'cpu' if a.dry_run else 'cuda')
         if rc != 0:
             tail = log.read_text(errors='replace').splitlines()[-25:]
             print(f"-- {item}: {status}; last lines of {log}:", *('   ' + l for l in tail), sep='\n', flush=True)
-        summary.append(dict(item=item, status=status, seconds=f'{dt:.0f}', file=md.name if md.exists() else '-'))
+        stats = out / 'logs' / f'{item}.json'
+        st = json.loads(stats.read_text()) if stats.exists() else {}
+        summary.append(dict(item=item, status=status, seconds=f'{dt:.0f}',
+                            **{'compile s (compilations)': f"{st['compile_s']} ({st['compilations']})" if st else '-',
+                               'FX graph cache hit / miss': f"{st['fx_hit']} / {st['fx_miss']}" if st else '-'}, file=md.name))
         print(f"-- {item}: {status} in {dt:.0f} s -> {md}", flush=True)
+        write_summary(out, a.dry_run, run_id, start, total, summary, list(a.items[k + 1:]))
     table = md_table(summary)
-    (out / 'summary.md').write_text(f"# GPU check{' (CPU dry run)' if a.dry_run else ''}\n\n{machine('cpu' if a.dry_run else 'cuda')}.\n\n"
-                                    f"Whole run {time.perf_counter() - start:.0f} s (budget {total:.0f} s).\n\n{table}\n")
     print(f"\n{table}\n\nwhole run {time.perf_counter() - start:.0f} s; files in {out}", flush=True)
     return 0 if all(r['status'] == 'pass' for r in summary) else 1
 

@@ -125,6 +125,7 @@ class Run:
             dense_flops = real * (6 * n_params + 12 * c.n_layer * c.d_model * Lpad)
             pair_flops = 6 * n_params * real + 6 * n_block_params * cnt['summaries'] + 12 * c.n_layer * c.d_model * cnt['pairs']
             per_step.append(dict(dt=dt, real=real, slots=slots, Lpad=Lpad, tok_s=real / dt, slot_s=slots / dt, anchor=anchor,
+                                 gflops_dense=dense_flops / dt / 1e9, gflops_pairs=pair_flops / dt / 1e9,
                                  tok_per_anchor=real / dt / anchor, mfu_dense=dense_flops / dt / 1e9 / anchor,
                                  mfu_pairs=pair_flops / dt / 1e9 / anchor, pairs_per_tok=cnt['pairs'] / real,
                                  summaries=cnt['summaries'], loss=loss, cpu_util=cpu_util))
@@ -133,7 +134,7 @@ class Run:
                     step_s=med('dt'), tok_s=med('tok_s'), slot_s=med('slot_s'), anchor=med('anchor'), tok_per_anchor=med('tok_per_anchor'),
                     pad_frac=1 - sum(s['real'] for s in per_step) / sum(s['slots'] for s in per_step),
                     Lpad=sorted({s['Lpad'] for s in per_step}), pairs_per_tok=med('pairs_per_tok'), summaries=med('summaries'),
-                    mfu_dense=med('mfu_dense'), mfu_pairs=med('mfu_pairs'), mask_ms=statistics.median(mask_ms), cpu_util=med('cpu_util'),
+                    mfu_dense=med('mfu_dense'), mfu_pairs=med('mfu_pairs'), gflops_dense=med('gflops_dense'), gflops_pairs=med('gflops_pairs'), mask_ms=statistics.median(mask_ms), cpu_util=med('cpu_util'),
                     anchor_range=(min(s['anchor'] for s in per_step), max(s['anchor'] for s in per_step)),
                     tok_s_range=(min(s['tok_s'] for s in per_step), max(s['tok_s'] for s in per_step)),
                     loss_first=per_step[0]['loss'], loss_last=per_step[-1]['loss'])
