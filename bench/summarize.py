@@ -33,9 +33,10 @@ BENCHMARKS = {
         anchor="dense causal attention: density 1.0, and `sdpa` with `is_causal` timed in the same run.",
         results={'attention.md': ['Density', 'Forward time']}),
     'generate.py': dict(
-        what="Decoding tokens/s with the static K/V cache at contexts of 1k and 4k tokens (`tiny`, CPU).",
-        anchor="recomputing the whole sequence for every new token, in the same run.",
-        results={'generate.md': [0]}),
+        what="Decoding tokens/s with the static K/V cache at contexts of 1k and 4k tokens (`tiny`, CPU); the one-token step "
+             "eager vs compiled (`tiny` and `small` at 1k and 2k, graphs and recompiles counted).",
+        anchor="recomputing the whole sequence for every new token, and the eager step, in the same run.",
+        results={'generate.md': ['recompute', 'compiled']}),
     'metrics_vs_muspy.py': dict(
         what="Agreement of `meloformer.evaluate`'s music metrics with MusPy's on real files, and the time each library takes.",
         anchor="MusPy's reference implementation, same files, same run.", needs="muspy: `pip install muspy`, not in the extras",

@@ -6,7 +6,8 @@
 __all__ = ['MaskConfig', 'MaskMeta', 'segment_slots', 'n_summary_slots', 'mask_meta', 'causal', 'diagonal', 'same_doc', 'header',
            'same_segment', 'fine_bars', 'earlier_tracks', 'track_history', 'dense_mask', 'regular_mask',
            'summaries_before', 'summary_causal', 'own_segment', 'update_mask', 'summarize_mask', 'AttnMasks',
-           'resolve_backend', 'build_masks', 'attend', 'apply_rope', 'SummaryAttention', 'mask_stats']
+           'resolve_backend', 'build_masks', 'attend', 'apply_rope', 'SummaryAttention', 'mask_rows', 'KVCache',
+           'cached_masks', 'mask_stats']
 
 # %% ../nbs/02_attention.ipynb
 import math
@@ -250,15 +251,80 @@ class SummaryAttention(nn.Module):
 
     def _merge(self, y): return self.out(y.transpose(1, 2).flatten(2))   # (B, H, L, D) -> (B, L, d)
 
-    def summarize(self, s, rope_s, k, v, mask):
-        "Stage 1: summaries s (B, S, d) read earlier summaries and their own segment's k, v (B, H, L, D)."
+    def summarize(self, s, rope_s, k, v, mask, cache=None):
+        """Stage 1: summaries s (B, S, d) read earlier summaries and their own segment's k, v (B, H, L, D).
+        With `cache`: s are the summaries of the segments closing in this pass and k, v the new tokens' keys."""
         qs, ks, vs = self.project(s, rope_s)
-        return self._merge(attend(qs, torch.cat([ks, k], 2), torch.cat([vs, v], 2), mask))
+        if cache is None: keys, values = torch.cat([ks, k], 2), torch.cat([vs, v], 2)
+        else: keys, values = cache.update_summaries(ks, vs, k, v)
+        return self._merge(attend(qs, keys, values, mask))
 
-    def update(self, q, k, v, k2, v2, mask):
-        "Stage 2: regular queries q read regular k, v and ended summaries' k2, v2 (None without summaries)."
-        if k2 is not None: k, v = torch.cat([k, k2], 2), torch.cat([v, v2], 2)
+    def update(self, q, k, v, k2, v2, mask, cache=None):
+        """Stage 2: regular queries q read regular k, v and ended summaries' k2, v2 (None without summaries).
+        With `cache`: k, v are the new tokens' keys, k2, v2 those of the summaries closing in this pass (or None)."""
+        if cache is not None: k, v = cache.update(k, v, k2, v2)
+        elif k2 is not None: k, v = torch.cat([k, k2], 2), torch.cat([v, v2], 2)
         return self._merge(attend(q, k, v, mask))
+
+# %% ../nbs/02_attention.ipynb
+def mask_rows(mask_mod, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+    "Evaluate `mask_mod` at per-row query indices q_idx (B, T) and key indices k_idx (K,): (B, 1, T, K) bool."
+    B, T = q_idx.shape
+    b = torch.arange(B, device=q_idx.device)[:, None, None, None]
+    out = mask_mod(b, torch.zeros_like(b), q_idx[:, None, :, None], k_idx[None, None, None, :])
+    return out.expand(B, 1, T, len(k_idx))
+
+# %% ../nbs/02_attention.ipynb
+@dataclass
+class KVCache:
+    """One layer's cached keys and values as a cached pass sees them (gpt-fast's `KVCache`, with summary slots).
+    `kv` (2, B, H, S + L + S, D): the layer's buffer (`KVCache.allocate`); `input_pos` (T,): positions of the new tokens; `slots`
+    (B, C): summary slots of the segments they close (None: none); `n_slots`: S; `n_keys`: positions read (None: L)."""
+    kv: torch.Tensor
+    input_pos: torch.Tensor
+    slots: torch.Tensor | None = None
+    n_slots: int = 0
+    n_keys: int | None = None
+
+    @staticmethod
+    def allocate(batch_size, n_head, head_dim, max_len, n_slots, dtype=torch.float32, device='cpu') -> torch.Tensor:
+        "A layer's zeroed buffer (2, B, H, S + L + S, D). One per layer: inductor then writes each in place."
+        return torch.zeros(2, batch_size, n_head, 2 * n_slots + max_len, head_dim, dtype=dtype, device=device)
+
+    def _write(self, at, k, v):
+        "k, v (B, H, T, D) into the key axis at `at`: (T,) the same in every row, or (B, T)."
+        # indexed assignment, as gpt-fast writes: inductor does it in place (an index_copy_ copied the whole buffer)
+        kv = torch.stack([k, v]).to(self.kv.dtype)                           # (2, B, H, T, D); autocast: to the cache's dtype
+        if at.dim() == 1: self.kv[:, :, :, at] = kv
+        else: self.kv[:, torch.arange(at.shape[0], device=at.device)[:, None], :, at] = kv.permute(1, 3, 0, 2, 4)
+
+    def update(self, k, v, k2=None, v2=None):
+        """Stage 2: write the new tokens' k, v (B, H, T, D) and the closing summaries' k2, v2 (B, H, C, D; None: none);
+        return the keys and values regular tokens read, (B, H, S + n_keys, D) each: every summary, then the positions."""
+        S, L = self.n_slots, self.kv.shape[3] - 2 * self.n_slots
+        self._write(S + self.input_pos, k, v)
+        if k2 is not None: self._write(self.slots, k2, v2)
+        n = S + (self.n_keys or L)
+        return self.kv[0, :, :, :n], self.kv[1, :, :, :n]
+
+    def update_summaries(self, ks, vs, k, v):
+        """Stage 1: write the new tokens' k, v (B, H, T, D) and the closing summaries' stage-1 ks, vs (B, H, C, D);
+        return the keys and values summaries read, (B, H, S + n_keys, D) each: every summary, then the positions."""
+        S, L = self.n_slots, self.kv.shape[3] - 2 * self.n_slots
+        self._write(S + self.input_pos, k, v)
+        self._write(S + L + self.slots, ks, vs)
+        kv = torch.cat([self.kv[:, :, :, S + L:], self.kv[:, :, :, S:S + (self.n_keys or L)]], 3)
+        return kv[0], kv[1]
+
+def cached_masks(m: MaskMeta, cfg: MaskConfig, input_pos, slots=None, n_keys: int | None = None) -> AttnMasks:
+    """Masks of a cached pass over the segment table `m` of the whole cache, columns in `KVCache`'s order: stage 2 at
+    rows `input_pos` (T,), stage 1 at rows `slots` (B, C; None: no stage 1), both over the summaries then the first
+    `n_keys` positions (None: all)."""
+    B, L, S, dev = m.seg.shape[0], m.L, (m.S if cfg.summaries else 0), input_pos.device
+    positions = torch.arange(n_keys or L, device=dev)
+    update = mask_rows(update_mask(m, cfg), input_pos.expand(B, -1), torch.cat([L + torch.arange(S, device=dev), positions]))
+    summarize = None if slots is None else mask_rows(summarize_mask(m), slots, torch.cat([torch.arange(S, device=dev), S + positions]))
+    return AttnMasks('sdpa', m, update, summarize)
 
 # %% ../nbs/02_attention.ipynb
 def mask_stats(meta: dict, cfg: MaskConfig = MaskConfig(), block_sizes=(128, 64), chunk: int = 1024) -> dict:

@@ -11,107 +11,42 @@ from pathlib import Path
 import numpy as np
 import torch
 from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS
-from .attention import MaskMeta, AttnMasks, update_mask, summarize_mask, attend
-from .model import MeloFormer, rope_angles, rope_positions
+from .model import MeloFormer, DecodeCache
 from .grammar import Plan, Grammar, default_max_len, forced_prefix, is_int, plan_from_midi, plan_from_scratch
 from .grammar import PROGRAMS as _PROGRAMS      # the track names the CLI's --tracks help lists
 
 # %% auto 0
-__all__ = ['mask_rows', 'DecodeCache', 'forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track',
-           'piano_roll', 'generate_parser', 'checkpoint_dir', 'load_checkpoint_dir', 'main']
+__all__ = ['forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track', 'piano_roll', 'generate_parser',
+           'checkpoint_dir', 'load_checkpoint_dir', 'main']
 
 # %% ../nbs/07_generate.ipynb
-def mask_rows(mask_mod, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
-    "Evaluate `mask_mod` at per-row query indices q_idx (B, T) and key indices k_idx (K,): (B, 1, T, K) bool."
-    B, T = q_idx.shape
-    b = torch.arange(B, device=q_idx.device)[:, None, None, None]
-    out = mask_mod(b, torch.zeros_like(b), q_idx[:, None, :, None], k_idx[None, None, None, :])
-    return out.expand(B, 1, T, len(k_idx))
-
-# %% ../nbs/07_generate.ipynb
-class DecodeCache:
-    "Preallocated per-layer K/V of regular tokens and summaries, and the metadata the masks read (gpt-fast's static cache)."
-    def __init__(self, model: MeloFormer, batch_size: int, max_len: int, max_segments: int, device='cpu'):
-        cfg = model.cfg
-        B, H, D, dt = batch_size, cfg.n_head, cfg.d_model // cfg.n_head, model.tok_emb.weight.dtype
-        # one spare slot at the end takes the writes of rows that close no segment; nothing reads it
-        self.B, self.L, self.S = B, max_len, (max_segments + 1 if cfg.mask.summaries else 0)
-        # stage-2 keys laid out [summaries (S) | regular (L)], so that the first S + n entries are a view
-        self.kv = torch.zeros(cfg.n_layer, 2, B, H, self.S + self.L, D, dtype=dt, device=device)
-        self.skv = torch.zeros(cfg.n_layer, 2, B, H, self.S, D, dtype=dt, device=device)   # stage-1 K/V of summaries
-        full = lambda n, v: torch.full((B, n), v, dtype=torch.long, device=device)
-        # unwritten positions: outside every segment and after every query (causal masks them)
-        self.meta = MaskMeta(doc=full(self.L, 0), track=full(self.L, -1), bar=full(self.L, -1), seg=full(self.L, -1),
-                             kind=full(self.L, TokenKind.SPECIAL), s_doc=full(self.S, 0), s_track=full(self.S, -1), s_bar=full(self.S, -1),
-                             s_end=full(self.S, self.L))          # s_end = L: a summary no query reads yet
-        self.length = 0
-
-# %% ../nbs/07_generate.ipynb
-def _rope(cfg, meta: dict, positions, s_end, s_bar):
-    "Rotary angles of new tokens (at `positions`) and of summaries ending at `s_end`: the model's `rope_positions` on a slice."
-    if cfg.rope == 'seq': return rope_angles(cfg, positions), rope_angles(cfg, s_end)
-    part = MaskMeta(doc=None, track=meta['track'], bar=meta['bar'], seg=meta['seg'], kind=meta['kind'],
-                    s_doc=None, s_track=None, s_bar=s_bar, s_end=s_end)
-    return rope_positions(cfg, meta, AttnMasks('sdpa', part, None))
-
 @torch.no_grad()
-def forward_cached(model: MeloFormer, cache: DecodeCache, ids: torch.Tensor, meta: dict, slots=None, bucket: int = 256):
-    """Logits (B, T, V) of T new tokens ids (B, T) with metadata `meta` (dict of (B, T)), appended to `cache`.
-    `slots` (B, C): summary slots of the segments these tokens close (the spare slot where a row closes fewer);
-    their metadata must already be in `cache.meta`. One code path for a prompt (T large) and a step (T = 1)."""
-    cfg, c = model.cfg, cache
-    B, T = ids.shape
-    start, n = c.length, c.length + T
-    if n > c.L: raise ValueError(f"cache full: {n} tokens > max_len {c.L}")
-    for k in ('track', 'bar', 'seg', 'kind'): getattr(c.meta, k)[:, start:n] = meta[k]
-    dev = ids.device
-    Lk = min(c.L, -(-n // bucket) * bucket)                     # keys past n are masked: attend to a bucketed prefix
-    q_idx = (start + torch.arange(T, device=dev)).expand(B, T)
-    # the mask predicates number keys [regular (L) | summaries (S)]; the buffer holds [summaries | regular]
-    k_idx = torch.cat([c.L + torch.arange(c.S, device=dev), torch.arange(Lk, device=dev)])
-    upd = mask_rows(update_mask(c.meta, cfg.mask), q_idx, k_idx)   # (B, 1, T, S + Lk)
-    summarize = slots is not None and slots.shape[1] > 0 and c.S > 0
-    s_end = c.meta.s_end.gather(1, slots) if summarize else c.meta.s_end[:, :0]
-    s_bar = c.meta.s_bar.gather(1, slots) if summarize else c.meta.s_bar[:, :0]
-    rope, rope_s = _rope(cfg, meta, q_idx, s_end, s_bar)
-    x = model.tok_emb(ids)                                      # (B, T, d)
-    if summarize:
-        s = model.summary_emb.to(x.dtype).expand(B, slots.shape[1], -1)            # (B, C, d)
-        summ = mask_rows(summarize_mask(c.meta), slots, torch.arange(c.S + Lk, device=dev))   # (B, 1, C, S + Lk)
-    for layer, block in enumerate(model.blocks):
-        attn, kv = block.attn, c.kv[layer]                      # kv (2, B, H, S + L, D)
-        q, k, v = attn.project(block.ln_attn(x), rope)
-        kv[0, :, :, c.S + start:c.S + n], kv[1, :, :, c.S + start:c.S + n] = k, v
-        if summarize:   # the closed segments' summaries, from this layer's cache, exactly as the full model's stage 1
-            qs, ks, vs = attn.project(block.ln_attn(s), rope_s)
-            at = slots[:, None, :, None].expand_as(ks)
-            c.skv[layer, 0].scatter_(2, at, ks); c.skv[layer, 1].scatter_(2, at, vs)
-            keys = torch.cat([c.skv[layer, 0], kv[0, :, :, c.S:c.S + Lk]], 2)
-            values = torch.cat([c.skv[layer, 1], kv[1, :, :, c.S:c.S + Lk]], 2)
-            s = s + attn._merge(attend(qs, keys, values, summ))
-            k2, v2 = attn.summary_kv(block.ln_sum(s), rope_s)
-            kv[0].scatter_(2, at, k2); kv[1].scatter_(2, at, v2)
-            s = block._ffn(s)
-        x = x + attn._merge(attend(q, kv[0, :, :, :c.S + Lk], kv[1, :, :, :c.S + Lk], upd))
-        x = block._ffn(x)
-    c.length = n
-    return model.head(model.ln_f(x))
+def forward_cached(model: MeloFormer, cache: DecodeCache, ids: torch.Tensor, meta: dict, slots=None) -> torch.Tensor:
+    "Logits (B, T, V) of T new tokens ids (B, T) appended to `cache`: `model(ids, meta, cache=cache, slots=slots)`."
+    return model(ids, meta, cache=cache, slots=slots)
 
 # %% ../nbs/07_generate.ipynb
 class IncrementalDecoder:
-    "A model with a `DecodeCache`: `feed(ids)` appends tokens (one or many per row) and returns their logits."
+    """A model with a `DecodeCache`: `feed(ids)` appends tokens (one or many per row) and returns their logits. An eager
+    pass reads the cached positions up to a multiple of `bucket` (cheaper early in a long buffer); a compiled step, all."""
     def __init__(self, model: MeloFormer, tok: HIDTokenizer, batch_size: int = 1, max_len: int = 4096,
-                 max_segments: int | None = None, device=None):
+                 max_segments: int | None = None, device=None, bucket: int = 256):
         self.model, self.tok = model.eval(), tok
         self.device = device or model.tok_emb.weight.device
         self.cache = DecodeCache(model, batch_size, max_len, max_segments or max_len, self.device)
         self.states = [tok.annotation_state() for _ in range(batch_size)]
-        self.last = [(-1, -1, -1, -1)] * batch_size     # (slot, position, bar, track) of each row's previous token
+        self.last_slot = [-1] * batch_size              # segment slot of each row's previous token
         self.last_seg = [-1] * batch_size               # annotated segment of each row's previous token
         self.n_slots = [0] * batch_size                 # segments numbered so far in each row
+        self.length = 0                                 # tokens appended (the cache counts them on the device too)
+        self.step = None                                # the compiled one-token pass, once `compile_step` made it
+        self.bucket = bucket
 
-    @property
-    def length(self) -> int: return self.cache.length
+    def compile_step(self, **kwargs) -> 'IncrementalDecoder':
+        """Compile the one-token pass (`torch.compile` of `forward_cached`, fixed shapes, `kwargs` passed on). On CUDA give
+        `mode="reduce-overhead"`: its logits live in a CUDA-graph buffer that the next step overwrites (use them first)."""
+        self.step = torch.compile(forward_cached, dynamic=False, **kwargs)
+        return self
 
     def _slot(self, b: int, seg: int) -> int:
         "The model's segment number (`segment_slots`) of a token annotated `seg` in row b: a new one where seg changes."
@@ -122,9 +57,10 @@ class IncrementalDecoder:
     def feed(self, ids) -> torch.Tensor:
         """Append ids (B, T) and return their logits (B, T, V): the full forward's, within float32 rounding, for any ids of
         the vocabulary (segments are numbered as the model numbers them, so a `PAD`/`BOS`/`EOS` inside a bar splits it there too)."""
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(self.cache.B, -1)
+        c = self.cache
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(c.B, -1)
         B, T = ids.shape
-        start = self.cache.length
+        if self.length + T > c.L: raise ValueError(f"cache full: {self.length + T} tokens > max_len {c.L}")
         rows = [[st.step(i) for i in row] for st, row in zip(self.states, ids.tolist())]
         for b, row in enumerate(rows):
             for r in row: r['seg'] = self._slot(b, r['seg'])
@@ -132,20 +68,17 @@ class IncrementalDecoder:
         # a token whose segment differs from its predecessor's closes that segment (segments are contiguous runs)
         closed = [[] for _ in range(B)]
         for b in range(B):
-            prev = self.last[b]
-            for t, r in enumerate(rows[b]):
-                if prev[0] >= 0 and r['seg'] != prev[0]: closed[b].append(prev)
-                prev = (r['seg'], start + t, r['bar'], r['track'])
-            self.last[b] = prev
-        slots, c = None, self.cache
-        n_closed = max(map(len, closed))
+            for r in rows[b]:
+                if self.last_slot[b] >= 0 and r['seg'] != self.last_slot[b]: closed[b].append(self.last_slot[b])
+                self.last_slot[b] = r['seg']
+        slots, n_closed = None, max(map(len, closed))
         if n_closed and c.S:
-            if max(seg for row in closed for seg, *_ in row) >= c.S - 1: raise ValueError(f"more segments than max_segments={c.S - 1}")
-            spare = (c.S - 1, c.L, -1, -1)
-            table = torch.tensor([row + [spare] * (n_closed - len(row)) for row in closed], dtype=torch.long, device=self.device)
-            slots = table[..., 0]
-            for j, key in ((1, 's_end'), (2, 's_bar'), (3, 's_track')): getattr(c.meta, key).scatter_(1, slots, table[..., j])
-        return forward_cached(self.model, c, ids.to(self.device), meta, slots)
+            if max(max(row, default=0) for row in closed) >= c.S - 1: raise ValueError(f"more segments than max_segments={c.S - 1}")
+            slots = torch.tensor([row + [c.S - 1] * (n_closed - len(row)) for row in closed], dtype=torch.long, device=self.device)
+        self.length += T
+        step = self.step if T == 1 and self.step is not None else forward_cached
+        c.n_keys = c.L if step is self.step else min(c.L, -(-self.length // self.bucket) * self.bucket)
+        return step(self.model, c, ids.to(self.device), meta, slots)
 
 # %% ../nbs/07_generate.ipynb
 def sample_next(logits: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
