@@ -18,7 +18,7 @@ from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, 
 __all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'find_midi', 'piece_index', 'encode_file', 'write_shard', 'corpus_losses',
            'write_meta', 'build_corpus', 'crop_window', 'crop_piece', 'transpose_ids', 'ShardDataset', 'cache_root',
            'prepare_demo', 'demo_dataset', 'length_buckets', 'bucket_of', 'plan_rows', 'PackedBatchSampler', 'Collate',
-           'make_loader', 'data_parser', 'print_losses', 'main']
+           'make_loader', 'DataConfig', 'data_parser', 'print_losses', 'main']
 
 # %% ../nbs/01_data.ipynb
 FORMAT_VERSION = 3     # 3: manifests record each file's size, mtime and SHA-1; meta.json lists the build's shards; skipped.jsonl
@@ -592,23 +592,32 @@ def make_loader(ds: ShardDataset, batch_size: int, seed: int = 0, epoch: int = 0
                                        num_workers=num_workers, **loader_kwargs)
 
 # %% ../nbs/01_data.ipynb
-def data_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m meloformer.data', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Tokenize a folder of MIDI files into memory-mapped shards for training (resumable).")
-    p.add_argument('src', help="folder searched recursively for .mid/.midi files (or one file)")
-    p.add_argument('out', help="output folder: shards/, meta.json, skipped.jsonl, losses.jsonl, tokenizer.json")
-    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes (0: in this process)")
-    p.add_argument('--valid_frac', type=float, default=0.05, help="fraction of pieces in the validation split (by content hash; at least one piece when there are two or more, unless 0)")
-    p.add_argument('--seed', type=int, default=0, help="seed of the train/valid split")
-    p.add_argument('--files_per_shard', type=int, default=1000, help="files per shard (the unit of resume and of --num_shards)")
-    p.add_argument('--num_shards', type=int, default=1, help="split the shards between this many machines ...")
-    p.add_argument('--shard_index', type=int, default=0, help="... and build the shards j with j %% num_shards == shard_index")
-    p.add_argument('--checksum', action='store_true', help="read every file and compare its SHA-1 before reusing a shard (rsync's --checksum); "
-                   "without it a file of the recorded size and modification time counts as unchanged (rsync's quick check), so an edit "
-                   "of the same size whose time was set back (touch -d) is not seen")
-    p.add_argument('--no_progress', action='store_true', help="no progress bar")
-    return p
+from dataclasses import dataclass
+from .cli import ConfigParser, cli_main
 
+@dataclass
+class DataConfig:
+    "Settings of `python -m meloformer.data SRC OUT`; each field is a flag (SRC and OUT by place), the string after it its help."
+    src: str;                               "folder searched recursively for .mid/.midi files (or one file)"
+    out: str;                               "output folder: shards/, meta.json, skipped.jsonl, losses.jsonl, tokenizer.json"
+    workers: int = min(8, os.cpu_count() or 1); "tokenizer processes (0: in this process)"
+    valid_frac: float = 0.05;               ("fraction of pieces in the validation split (by content hash; at least one piece when there are "
+                                             "two or more, unless 0)")
+    seed: int = 0;                          "seed of the train/valid split"
+    files_per_shard: int = 1000;            "files per shard (the unit of resume and of --num_shards)"
+    num_shards: int = 1;                    "split the shards between this many machines ..."
+    shard_index: int = 0;                   "... and build the shards j with j % num_shards == shard_index"
+    checksum: bool = False;                 ("read every file and compare its SHA-1 before reusing a shard (rsync's --checksum); without it "
+                                             "a file of the recorded size and modification time counts as unchanged (rsync's quick check), "
+                                             "so an edit of the same size whose time was set back (touch -d) is not seen")
+    progress: bool = True;                  "show a progress bar (--no-progress or --no_progress: none)"
+
+def data_parser() -> ConfigParser:
+    "The command line of `python -m meloformer.data`: SRC, OUT and a flag per other `DataConfig` field."
+    return ConfigParser(DataConfig, prog='python -m meloformer.data', positional=('src', 'out'),
+                        description="Tokenize a folder of MIDI files into memory-mapped shards for training (resumable).")
+
+# %% ../nbs/01_data.ipynb
 def _printable(name: str) -> str:
     "`name` on one line: control characters (and undecodable bytes) escaped as Python writes them."
     return ''.join(c if c.isprintable() else c.encode('unicode_escape', 'backslashreplace').decode('ascii') for c in name)
@@ -620,13 +629,11 @@ def print_losses(losses: dict, file=None):
     for k, n in losses['total'].items(): print(f"  {k}: {n} in {losses['files'][k]} file(s) - {LOSS_KINDS[k]}", file=file)
     print("most affected: " + "; ".join(f"{_printable(f)} ({', '.join(f'{k} {n}' for k, n in c.items())})" for f, c in losses['most_affected']), file=file)
 
+@cli_main
 def main(argv=None) -> int:
-    args = data_parser().parse_args(argv)
-    try:
-        res = build_corpus(args.src, args.out, args.workers, args.valid_frac, args.seed, args.files_per_shard,
-                           args.num_shards, args.shard_index, progress=not args.no_progress, checksum=args.checksum)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr); return 2
+    args = data_parser().parse_config(argv)
+    res = build_corpus(args.src, args.out, args.workers, args.valid_frac, args.seed, args.files_per_shard,
+                       args.num_shards, args.shard_index, progress=args.progress, checksum=args.checksum)
     for f, reason in res['skipped_files']: print(f"skipped {_printable(f)}: {reason}", file=sys.stderr)
     c, n_pieces = res['counts'], res['counts']['train']['pieces'] + res['counts']['valid']['pieces']
     for split in ('train', 'valid'):

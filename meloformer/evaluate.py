@@ -19,8 +19,8 @@ __all__ = ['SCALES', 'CONSONANT_INTERVALS', 'CHORD_PITCH_CLASSES', 'METRICS', 'K
            'pitch_class_entropy', 'scale_consistency', 'n_pitch_classes_used', 'pitch_range', 'empty_beat_rate',
            'groove_consistency', 'polyphony', 'track_consonance', 'chord_tone_ratio', 'bar_similarity_matrix',
            'bar_self_similarity', 'music_metrics', 'metrics_table', 'random_midi', 'pitch_class_distance',
-           'compare_to_reference', 'plot_metrics', 'loss_by_kind', 'evaluate_checkpoint', 'evaluate_parser', 'main',
-           'ablation']
+           'compare_to_reference', 'plot_metrics', 'loss_by_kind', 'evaluate_checkpoint', 'EvaluateConfig',
+           'evaluate_parser', 'main', 'ablation']
 
 # %% ../nbs/08_evaluate.ipynb
 def _as_piece(src) -> Piece:
@@ -331,12 +331,13 @@ def _reference_plan(tok, dataset, n_bars: int):
     return plan_from_scratch(tok, tracks, n_bars, ts, bpm)
 
 def evaluate_checkpoint(path, dataset=None, reference=None, num_samples: int = 8, n_bars: int = 8, max_batches: int | None = 20,
-                        batch_size: int = 8, seed: int = 0, temperature: float = 1.0, top_p: float = 0.95, out_dir=None) -> dict:
-    "One checkpoint's numbers: validation loss/perplexity per kind and the metrics of generated samples vs `reference`."
+                        batch_size: int = 8, seed: int = 0, temperature: float = 1.0, top_p: float = 0.95, out_dir=None, device='cpu') -> dict:
+    "One checkpoint's numbers on `device`: validation loss/perplexity per kind and the metrics of generated samples vs `reference`."
     from meloformer.generate import generate
-    model, tok = load_checkpoint_dir(path)
+    model, tok = load_checkpoint_dir(path, device)
+    model.to(device)
     dataset = dataset or demo_dataset('valid', max_seq_len=1024)
-    kinds = loss_by_kind(model, dataset, batch_size=batch_size, max_batches=max_batches)
+    kinds = loss_by_kind(model, dataset, device, batch_size=batch_size, max_batches=max_batches)
     plan = _reference_plan(tok, dataset, n_bars)
     samples, stats = generate(model, tok, plan, num_samples=num_samples, temperature=temperature, top_p=top_p, seed=seed)
     midis = [tok.decode(s) for s in samples]
@@ -353,35 +354,44 @@ def evaluate_checkpoint(path, dataset=None, reference=None, num_samples: int = 8
     return dict(row=row, by_kind=kinds, samples=sample_table, reference=reference)
 
 # %% ../nbs/08_evaluate.ipynb
-def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m meloformer.evaluate', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Validation perplexity and music metrics of generated samples, one row per checkpoint.")
-    p.add_argument('--checkpoint', nargs='+', required=True, help="training run folders (or save_pretrained folders)")
-    p.add_argument('--data_dir', default=None, help="a folder made by `python -m meloformer.data` (default: the demo corpus)")
-    p.add_argument('--num_samples', type=int, default=8, help="generated pieces per checkpoint")
-    p.add_argument('--bars', type=int, default=8, help="bars per generated piece")
-    p.add_argument('--max_seq_len', type=int, default=1024, help="validation rows' length")
-    p.add_argument('--max_batches', type=int, default=20, help="validation batches (0: all)")
-    p.add_argument('--temperature', type=float, default=1.0); p.add_argument('--top_p', type=float, default=0.95)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out_dir', default='runs/evaluation', help="where the tables, plots and samples go")
-    return p
+from dataclasses import dataclass
+from .cli import ConfigParser, cli_main
+from .model import resolve_device
 
+@dataclass
+class EvaluateConfig:
+    "Settings of `python -m meloformer.evaluate`; each field is a flag, the string after it its help."
+    checkpoint: list[str];                  "training run folders (or save_pretrained folders)"
+    data_dir: str | None = None;            "a folder made by `python -m meloformer.data` (default: the demo corpus)"
+    num_samples: int = 8;                   "generated pieces per checkpoint"
+    bars: int = 8;                          "bars per generated piece"
+    max_seq_len: int = 1024;                "validation rows' length"
+    max_batches: int = 20;                  "validation batches (0: all)"
+    temperature: float = 1.0;               "softmax temperature of the samples"
+    top_p: float = 0.95;                    "nucleus sampling mass of the samples"
+    seed: int = 0;                          "random seed of the samples"
+    out_dir: str = 'runs/evaluation';       "where the tables, plots and samples go"
+    device: str = 'auto';                   "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N; a device this machine lacks is an error"
+
+def evaluate_parser() -> ConfigParser:
+    "The command line of `python -m meloformer.evaluate`: a flag per `EvaluateConfig` field, `--config`, `--print_config`."
+    return ConfigParser(EvaluateConfig, prog='python -m meloformer.evaluate',
+                        description="Validation perplexity and music metrics of generated samples, one row per checkpoint.")
+
+@cli_main
 def main(argv=None) -> int:
     from meloformer.data import ShardDataset
-    a = evaluate_parser().parse_args(argv)
-    try:
-        dataset = ShardDataset(a.data_dir, 'valid', max_seq_len=a.max_seq_len) if a.data_dir else demo_dataset('valid', max_seq_len=a.max_seq_len)
-        if len(dataset) == 0: raise ValueError(f"{a.data_dir}: the validation split is empty")
-        tok = dataset.tok
-        reference = metrics_table([tok.decode(dataset.piece(i)) for i in range(min(len(dataset), 50))])
-        out, rows, kinds, tables = Path(a.out_dir), [], [], {}
-        for i, ck in enumerate(a.checkpoint):
-            ev = evaluate_checkpoint(ck, dataset, reference, a.num_samples, a.bars, a.max_batches or None, seed=a.seed,
-                                     temperature=a.temperature, top_p=a.top_p, out_dir=out/f'samples_{i}')
-            rows.append(ev['row']); kinds.append(ev['by_kind'].assign(checkpoint=ck)); tables[f'ckpt {i}'] = ev['samples']
-    except (FileNotFoundError, ValueError) as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr); return 1
+    a = evaluate_parser().parse_config(argv)
+    device = resolve_device(a.device)[0]                                  # --device cuda without CUDA: ValueError
+    dataset = ShardDataset(a.data_dir, 'valid', max_seq_len=a.max_seq_len) if a.data_dir else demo_dataset('valid', max_seq_len=a.max_seq_len)
+    if len(dataset) == 0: raise ValueError(f"{a.data_dir}: the validation split is empty")
+    tok = dataset.tok
+    reference = metrics_table([tok.decode(dataset.piece(i)) for i in range(min(len(dataset), 50))])
+    out, rows, kinds, tables = Path(a.out_dir), [], [], {}
+    for i, ck in enumerate(a.checkpoint):
+        ev = evaluate_checkpoint(ck, dataset, reference, a.num_samples, a.bars, a.max_batches or None, seed=a.seed,
+                                 temperature=a.temperature, top_p=a.top_p, out_dir=out/f'samples_{i}', device=device)
+        rows.append(ev['row']); kinds.append(ev['by_kind'].assign(checkpoint=ck)); tables[f'ckpt {i}'] = ev['samples']
     ref_row = dict(checkpoint='reference (real pieces)', **{m: reference[m].mean() for m in METRICS if m in reference})
     table = pd.DataFrame(rows + [ref_row])
     out.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ from .grammar import Plan, Grammar, default_max_len, forced_prefix, is_int, plan
 from .grammar import PROGRAMS as _PROGRAMS      # the track names the CLI's --tracks help lists
 
 # %% auto 0
-__all__ = ['forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track', 'piano_roll', 'generate_parser',
-           'checkpoint_dir', 'load_checkpoint_dir', 'main']
+__all__ = ['forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track', 'piano_roll', 'GenerateConfig',
+           'generate_parser', 'checkpoint_dir', 'load_checkpoint_dir', 'main']
 
 # %% ../nbs/07_generate.ipynb
 @torch.no_grad()
@@ -192,29 +192,38 @@ def piano_roll(midi, path=None, ax=None, title: str | None = None, dpi: int = 80
     return ax
 
 # %% ../nbs/07_generate.ipynb
-def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m meloformer.generate', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Sample MIDI from a trained MeloFormer: from scratch or continuing a MIDI file.")
-    p.add_argument('--checkpoint', required=True, help="a training run folder (train's --out_dir) or its model/ folder")
-    p.add_argument('--out', required=True, help="output MIDI; several samples are written as NAME_0.mid, NAME_1.mid, ...")
-    p.add_argument('--prompt', default=None, help="MIDI file to continue")
-    p.add_argument('--prompt_bars', type=int, default=None, help="keep the prompt's first N bars of every track (default 4 when --prompt_tracks is not given)")
-    p.add_argument('--prompt_tracks', type=int, default=None, help="keep only the prompt's first K tracks")
-    p.add_argument('--bars', type=int, default=None, help="bars of the piece (default: 8 from scratch, prompt bars + 8, or the prompt's bars)")
-    p.add_argument('--tracks', nargs='*', default=None, help="tracks to write: drums, a GM program 0-127 or a name "
-                   f"({', '.join(_PROGRAMS)}); with --prompt they are added (default from scratch: drums bass piano)")
-    p.add_argument('--ts', default='4/4', help="time signature from scratch")
-    p.add_argument('--bpm', type=float, default=120.0, help="tempo from scratch")
-    p.add_argument('--temperature', type=float, default=1.0, help="softmax temperature (0: greedy)")
-    p.add_argument('--top_k', type=int, default=0, help="keep the k most likely tokens (0: all)")
-    p.add_argument('--top_p', type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--num_samples', type=int, default=1, help="samples drawn as one batch")
-    p.add_argument('--max_bar_notes', type=int, default=32, help="most notes a sampled bar may hold")
-    p.add_argument('--device', default='auto', help="auto | cpu | cuda")
-    p.add_argument('--threads', type=int, default=1, help="CPU threads (a decoding step is many tiny products: one thread is fastest)")
-    p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True, help="progress bar")
-    return p
+from .cli import ConfigParser, cli_main
+from .model import resolve_device
+
+@dataclass
+class GenerateConfig:
+    "Settings of `python -m meloformer.generate`; each field is a flag, the string after it its help."
+    checkpoint: str;                        "a training run folder (train's --out_dir) or its model/ folder"
+    out: str;                               "output MIDI; several samples are written as NAME_0.mid, NAME_1.mid, ..."
+    prompt: str | None = None;              "MIDI file to continue"
+    prompt_bars: int | None = None;         "keep the prompt's first N bars of every track (default 4 when --prompt_tracks is not given)"
+    prompt_tracks: int | None = None;       "keep only the prompt's first K tracks"
+    bars: int | None = None;                "bars of the piece (default: 8 from scratch, prompt bars + 8, or the prompt's bars)"
+    tracks: list[str] | None = None;        ("tracks to write: drums, a GM program 0-127 or a name (piano, epiano, organ, guitar, electric_guitar, "
+                                             "bass, fretless, strings, choir, trumpet, brass, sax, flute, lead, pad); with --prompt they are "
+                                             "added (default from scratch: drums bass piano)")
+    ts: str = '4/4';                        "time signature from scratch"
+    bpm: float = 120.0;                     "tempo from scratch"
+    temperature: float = 1.0;               "softmax temperature (0: greedy)"
+    top_k: int = 0;                         "keep the k most likely tokens (0: all)"
+    top_p: float = 1.0;                     "nucleus sampling mass"
+    seed: int = 0;                          "random seed"
+    num_samples: int = 1;                   "samples drawn as one batch"
+    max_bar_notes: int = 32;                "most notes a sampled bar may hold"
+    device: str = 'auto';                   "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N; a device this machine lacks is an error"
+    threads: int = 1;                       "CPU threads (a decoding step is many tiny products: one thread is fastest)"
+    progress: bool = True;                  "show a progress bar"
+
+# %% ../nbs/07_generate.ipynb
+def generate_parser() -> ConfigParser:
+    "The command line of `python -m meloformer.generate`: a flag per `GenerateConfig` field, `--config`, `--print_config`."
+    return ConfigParser(GenerateConfig, prog='python -m meloformer.generate',
+                        description="Sample MIDI from a trained MeloFormer: from scratch or continuing a MIDI file.")
 
 def checkpoint_dir(path) -> Path:
     "The model folder of a training run (`RUN/model`) or a `save_pretrained` folder itself; clear error otherwise."
@@ -240,19 +249,18 @@ def _check_args(a):
     if a.prompt is not None and not Path(a.prompt).is_file(): raise ValueError(f"{a.prompt}: no such file")
     if not str(a.out).lower().endswith(('.mid', '.midi')): raise ValueError(f"--out must end in .mid, not {a.out!r}")
 
+@cli_main
 def main(argv=None) -> int:
-    a = generate_parser().parse_args(argv)
-    try:
-        _check_args(a)
-        device = ('cuda' if torch.cuda.is_available() else 'cpu') if a.device == 'auto' else a.device
-        if device == 'cpu': torch.set_num_threads(a.threads)
-        model, tok = load_checkpoint_dir(a.checkpoint, device)
-        if a.prompt:
-            prompt_bars = a.prompt_bars if a.prompt_bars or a.prompt_tracks else 4
-            plan = plan_from_midi(tok, a.prompt, prompt_bars, a.prompt_tracks, a.bars, a.tracks or ())
-        else: plan = plan_from_scratch(tok, a.tracks or ('drums', 'bass', 'piano'), a.bars or 8, a.ts, a.bpm)
-    except (ValueError, MidiReadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr); return 2
+    a = generate_parser().parse_config(argv)
+    _check_args(a)
+    device = resolve_device(a.device)[0]                                  # --device cuda without CUDA: ValueError
+    if device.type == 'cpu': torch.set_num_threads(a.threads)
+    model, tok = load_checkpoint_dir(a.checkpoint, str(device))
+    model.to(device)
+    if a.prompt:
+        prompt_bars = a.prompt_bars if a.prompt_bars or a.prompt_tracks else 4
+        plan = plan_from_midi(tok, a.prompt, prompt_bars, a.prompt_tracks, a.bars, a.tracks or ())
+    else: plan = plan_from_scratch(tok, a.tracks or ('drums', 'bass', 'piano'), a.bars or 8, a.ts, a.bpm)
     ids, stats = generate(model, tok, plan, a.num_samples, a.temperature, a.top_k, a.top_p, a.seed,
                           max_bar_notes=a.max_bar_notes, progress=a.progress)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)

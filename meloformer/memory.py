@@ -14,7 +14,7 @@ import torch
 # %% auto 0
 __all__ = ['CPU_RUNTIME_MB', 'MemoryTracker', 'plot_phase_memory', 'summary_slots', 'estimate_memory', 'saved_tensor_bytes',
            'measure_step', 'compare_estimates', 'find_max_seq_len', 'find_max_batch', 'plot_memory_vs_length',
-           'plot_breakdown', 'memory_parser', 'default_budget_gb', 'main']
+           'plot_breakdown', 'MemoryConfig', 'memory_parser', 'default_budget_gb', 'main']
 
 # %% ../nbs/05_memory.ipynb
 def _status_mb(pid='self', key='VmHWM') -> float:
@@ -218,10 +218,10 @@ def find_max_seq_len(size: str, budget_gb: float, batch_size: int = 1, device: s
                      multiple: int = 128, precision: str | None = None, backend: str | None = None, checkpointing: str = 'none',
                      measure: bool | None = None) -> dict:
     "Longest padded length (a multiple of `multiple`) whose training step fits `budget_gb` on `device`."
-    from meloformer.model import ModelConfig
+    from meloformer.model import ModelConfig, resolve_device
     from meloformer.tokenizer import HIDTokenizer
     cuda, measure = _plan(device, measure)
-    precision = precision or ('bf16' if cuda else 'fp32'); backend = backend or ('flex' if cuda else 'sdpa')
+    _, precision, backend = resolve_device(device, precision or 'auto', backend or 'auto', check=False)   # planning: CUDA may be elsewhere
     cfg, budget = ModelConfig.from_size(size, vocab_size=HIDTokenizer().vocab_size, checkpointing=checkpointing), budget_gb * 1024
     n = None
     if measure: fits = lambda k: _fits_cuda(size, batch_size, k * multiple, budget, precision=precision, backend=backend, checkpointing=checkpointing)
@@ -237,10 +237,10 @@ def find_max_seq_len(size: str, budget_gb: float, batch_size: int = 1, device: s
 def find_max_batch(size: str, seq_len: int, budget_gb: float, device: str = 'cpu', max_batch: int = 4096,
                    precision: str | None = None, backend: str | None = None, checkpointing: str = 'none', measure: bool | None = None) -> dict:
     "Largest batch of `seq_len`-token rows whose training step fits `budget_gb` on `device`."
-    from meloformer.model import ModelConfig, MeloFormer
+    from meloformer.model import ModelConfig, MeloFormer, resolve_device
     from meloformer.tokenizer import HIDTokenizer
     cuda, measure = _plan(device, measure)
-    precision = precision or ('bf16' if cuda else 'fp32'); backend = backend or ('flex' if cuda else 'sdpa')
+    _, precision, backend = resolve_device(device, precision or 'auto', backend or 'auto', check=False)   # planning: CUDA may be elsewhere
     cfg, budget = ModelConfig.from_size(size, vocab_size=HIDTokenizer().vocab_size, checkpointing=checkpointing), budget_gb * 1024
     if measure: fits = lambda b: _fits_cuda(size, b, seq_len, budget, precision=precision, backend=backend, checkpointing=checkpointing)
     else:
@@ -280,24 +280,34 @@ def plot_breakdown(estimates: list[dict], labels: list[str], path=None):
     if path: fig.savefig(path); plt.close(fig)
     return fig
 
-def memory_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m meloformer.memory', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Profile training-step memory over model sizes, batch sizes and lengths; find what fits a budget.")
-    p.add_argument('--model_size', default='tiny,small', help="comma-separated sizes (tiny, small, base, large, xlarge)")
-    p.add_argument('--seq_lens', default='512,1024,2048', help="comma-separated sequence lengths")
-    p.add_argument('--batch_sizes', default='1,2', help="comma-separated batch sizes")
-    p.add_argument('--out_dir', default='runs/memory', help="where the CSV and charts go")
-    p.add_argument('--precision', default=None, choices=['fp32', 'bf16'], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument('--attn_backend', default=None, choices=['flex', 'sdpa'], help="default: flex on CUDA, sdpa on CPU")
-    p.add_argument('--grad_checkpointing', default='none', choices=['none', 'ffn', 'full'])
-    p.add_argument('--estimate_only', action='store_true', help="no real steps: the estimator alone")
-    p.add_argument('--find_max_seq_len', action='store_true', help="longest length per size under --budget_gb")
-    p.add_argument('--find_max_batch', action='store_true', help="largest batch per size and length under --budget_gb")
-    p.add_argument('--budget_gb', type=float, default=None, help="memory budget (default: this device's free memory minus 10%%)")
-    p.add_argument('--device', default=None, choices=['cpu', 'cuda'], help="device to plan for (default: this machine's); "
-                   "planning for CUDA without one uses the estimator alone")
-    return p
+# %% ../nbs/05_memory.ipynb
+from typing import Literal
+from .model import Precision, Backend
+from .cli import ConfigParser, cli_main
 
+@dataclass
+class MemoryConfig:
+    "Settings of `python -m meloformer.memory`; each field is a flag, the string after it its help."
+    model_size: str = 'tiny,small';         "comma-separated sizes (tiny, small, base, large, xlarge)"
+    seq_lens: str = '512,1024,2048';        "comma-separated sequence lengths"
+    batch_sizes: str = '1,2';               "comma-separated batch sizes"
+    out_dir: str = 'runs/memory';           "where the CSV and charts go"
+    precision: Precision = 'auto';          "auto: bf16 on CUDA, fp32 on CPU"
+    attn_backend: Backend = 'auto';         "auto: flex on CUDA, sdpa on CPU"
+    grad_checkpointing: Literal['none', 'ffn', 'full'] = 'none'; "recompute in the backward pass: nothing, the feed-forwards or whole blocks"
+    estimate_only: bool = False;            "no real steps: the estimator alone"
+    find_max_seq_len: bool = False;         "longest length per size under --budget_gb"
+    find_max_batch: bool = False;           "largest batch per size and length under --budget_gb"
+    budget_gb: float | None = None;         "memory budget (default: this device's free memory minus 10%)"
+    device: str = 'auto';                   ("device to plan for: auto (this machine's), cpu, cuda or cuda:N; planning for CUDA on a machine "
+                                             "without it uses the estimator alone and needs --budget_gb")
+
+def memory_parser() -> ConfigParser:
+    "The command line of `python -m meloformer.memory`: a flag per `MemoryConfig` field, `--config`, `--print_config`."
+    return ConfigParser(MemoryConfig, prog='python -m meloformer.memory',
+                        description="Profile training-step memory over model sizes, batch sizes and lengths; find what fits a budget.")
+
+# %% ../nbs/05_memory.ipynb
 def default_budget_gb(device: str) -> float:
     "Free memory of the device (CUDA) or of the machine (CPU: MemAvailable), minus a 10% margin."
     if device.startswith('cuda'): free, _ = torch.cuda.mem_get_info(); return 0.9 * free / 2**30
@@ -306,20 +316,25 @@ def default_budget_gb(device: str) -> float:
 def _status_mb_meminfo(key):
     return int(re.search(rf'{key}:\s+(\d+)', Path('/proc/meminfo').read_text()).group(1)) / 1024
 
+def _ints(flag: str, text: str) -> list[int]:
+    try: return [int(x) for x in text.split(',')]
+    except ValueError: raise ValueError(f"--{flag} {text!r}: expected comma-separated integers") from None
+
+@cli_main
 def main(argv=None) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
-    from meloformer.model import ModelConfig
+    from meloformer.model import ModelConfig, resolve_device
     from meloformer.tokenizer import HIDTokenizer
-    a = memory_parser().parse_args(argv)
-    try:
-        sizes = a.model_size.split(','); lens = [int(x) for x in a.seq_lens.split(',')]; batches = [int(x) for x in a.batch_sizes.split(',')]
-        for s in sizes: ModelConfig.from_size(s)
-    except ValueError as e: print(f"error: {e}", file=sys.stderr); return 2
-    device = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device == 'cuda' and not torch.cuda.is_available(): a.estimate_only = True
-    if device == 'cuda' and a.budget_gb is None and not torch.cuda.is_available(): print("error: planning for CUDA here needs --budget_gb", file=sys.stderr); return 2
-    precision = a.precision or ('bf16' if device == 'cuda' else 'fp32'); backend = a.attn_backend or ('flex' if device == 'cuda' else 'sdpa')
+    a = memory_parser().parse_config(argv)
+    sizes, lens, batches = a.model_size.split(','), _ints('seq_lens', a.seq_lens), _ints('batch_sizes', a.batch_sizes)
+    for s in sizes: ModelConfig.from_size(s)
+    # a GPU machine checks the device it is asked for; elsewhere --device cuda plans for one (estimated)
+    device, precision, backend = resolve_device(a.device, a.precision, a.attn_backend, check=torch.cuda.is_available())
+    device = str(device)
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        if a.budget_gb is None: raise ValueError(f"--device {a.device}: this machine has no CUDA device; planning for one here needs --budget_gb")
+        a.estimate_only = True
     out = Path(a.out_dir); out.mkdir(parents=True, exist_ok=True)
     budget = a.budget_gb or default_budget_gb(device)
     V, rows, ests, labels = HIDTokenizer().vocab_size, [], [], []

@@ -140,43 +140,51 @@ def plot_losses(metrics_csv, path=None, ax=None):
     return ax
 
 # %% ../nbs/06_train.ipynb
+from typing import Literal
+from .model import ModelSize, Precision, Backend
+
 @dataclass
 class TrainConfig:
-    model_size: str | None = None
-    batch_size: int | None = None
-    gradient_accumulation_steps: int | None = None
-    max_seq_len: int | None = None
-    num_workers: int | None = None
-    epochs: float | None = None
-    max_steps: int | None = None
-    data_dir: str | None = None             # None: the embedded demo corpus
-    out_dir: str = 'runs/meloformer'
-    lr: float | None = None
-    min_lr_frac: float = 0.1
-    warmup_steps: int | None = None
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    phases: str = 'release'                 # release | none | a JSON table (file or string)
-    constant_samples: bool = False          # keep rows per optimizer step constant across phases
-    compile: bool | None = None
-    recompile_limit: int = 64               # torch._dynamo recompile limit per frame; exceeding it raises
-    grad_checkpointing: str = 'none'        # none | ffn | full
-    precision: str = 'auto'                 # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    attn_backend: str = 'auto'              # auto | flex | sdpa
-    mask_preset: str = 'museformer'         # museformer | meloformer | dense
-    transpose: int = 0                      # random transposition of pitched tracks, +- semitones
-    resume: str | None = None               # a checkpoint file, a run folder, or 'auto' (this out_dir's run, latest)
-    overwrite: bool = False                 # a fresh start may replace another run's files in out_dir
-    report_to: str = 'none'                 # none | tensorboard (metrics.csv is always written)
-    eval_every: int = 100
-    eval_batches: int = 16
-    save_every: int = 200
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 5                  # abort after this many non-finite losses in a row
-    seed: int = 0
-    device: str = 'auto'
-    progress: bool = True
+    "Settings of a training run; each field is a flag of `python -m meloformer.train`, the string after it its help."
+    model_size: ModelSize | None = None;    "the model's size (default: small on CUDA, tiny on CPU)"
+    batch_size: int | None = None;          "rows per micro-batch in the full-speed phase"
+    gradient_accumulation_steps: int | None = None; "micro-batches per optimizer step"
+    max_seq_len: int | None = None;         "tokens per row (crops of whole bars of every track); any length: flex attention pads rows to a multiple of 128"
+    num_workers: int | None = None;         "DataLoader workers in the phases that use them"
+    epochs: float | None = None;            "passes over the training rows (used when --max_steps is not given)"
+    max_steps: int | None = None;           "optimizer steps to train"
+    data_dir: str | None = None;            "a folder made by `python -m meloformer.data` (default: the embedded demo corpus)"
+    out_dir: str = 'runs/meloformer';       "where checkpoints, logs and charts go"
+    lr: float | None = None;                "peak learning rate"
+    min_lr_frac: float = 0.1;               "final LR as a fraction of --lr (cosine)"
+    warmup_steps: int | None = None;        "linear warm-up steps"
+    weight_decay: float = 0.1;              "AdamW weight decay (matrices only)"
+    grad_clip: float = 1.0;                 "gradient norm clip"
+    phases: str = 'release';                ("release | none | auto (release, full-speed batch = the largest that fits free memory) "
+                                             "| a JSON phase table (file or string)")
+    constant_samples: bool = False;         "keep rows per optimizer step constant across phases"
+    compile: bool | None = None;            "torch.compile the model (bounded shapes; default: on CUDA)"
+    recompile_limit: int = 64;              "torch._dynamo recompile limit per frame (exceeding it is an error)"
+    grad_checkpointing: Literal['none', 'ffn', 'full'] = 'none'; "recompute in the backward pass: nothing, the feed-forwards or whole blocks"
+    precision: Precision = 'auto';          "auto: bf16 on CUDA, fp32 on CPU"
+    attn_backend: Backend = 'auto';         "auto: flex on CUDA, sdpa on CPU"
+    mask_preset: Literal['museformer', 'meloformer', 'dense'] = 'museformer'; "which tokens attend to which (`MaskConfig.from_preset`)"
+    transpose: int = 0;                     "random transposition of pitched tracks, +- semitones"
+    resume: str | None = None;              ("checkpoint file, run folder, or 'auto' (this --out_dir's run from its newest readable checkpoint, "
+                                             "an unreadable one skipped with a warning; a fresh start in an empty folder); a named file "
+                                             "that cannot be read exits 2")
+    overwrite: bool = False;                "a fresh start in an --out_dir that holds another run removes that run's files (without it: refused)"
+    report_to: Literal['none', 'tensorboard'] = 'none'; "tensorboard: scalars and charts under --out_dir/tensorboard (metrics.csv is always written)"
+    eval_every: int = 100;                  "validate every N steps"
+    eval_batches: int = 16;                 "validation batches per evaluation"
+    save_every: int = 200;                  "checkpoint every N steps"
+    keep_checkpoints: int = 3;              "checkpoints to keep"
+    max_bad_steps: int = 5;                 "abort after N non-finite losses in a row"
+    seed: int = 0;                          "random seed"
+    device: str = 'auto';                   "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N; a device this machine lacks is an error"
+    progress: bool = True;                  "show a progress bar"
 
+# %% ../nbs/06_train.ipynb
 CPU_DEFAULTS = dict(model_size='tiny', batch_size=8, gradient_accumulation_steps=1, max_seq_len=512, num_workers=0,
                     max_steps=300, lr=3e-3, warmup_steps=40, compile=False, eval_every=50)
 CUDA_DEFAULTS = dict(model_size='small', batch_size=6, gradient_accumulation_steps=8, max_seq_len=8192, num_workers=8,
@@ -339,19 +347,20 @@ def _write_json(path: Path, obj):
 class Trainer:
     "One training run: model, optimizer, schedule, data position, logs. `run()` trains to `max_steps`."
     def __init__(self, cfg: TrainConfig):
-        from meloformer.model import MeloFormer, ModelConfig
-        from meloformer.attention import MaskConfig, resolve_backend
+        from meloformer.model import MeloFormer, ModelConfig, resolve_device
+        from meloformer.attention import MaskConfig
         from meloformer.data import ShardDataset, demo_dataset
         from meloformer.memory import MemoryTracker
-        cuda = torch.cuda.is_available() and cfg.device in ('auto', 'cuda')
+        # --device cuda without CUDA is a ValueError; the backend: flex pads rows to its 128-token blocks, sdpa to the row length
+        device, precision, self.backend = resolve_device(cfg.device, cfg.precision, cfg.attn_backend)
+        cuda = device.type == 'cuda'
         self.cfg = cfg = resolve_config(cfg, cuda)
         if cfg.report_to not in ('none', 'tensorboard'): raise ValueError(f"--report_to {cfg.report_to!r}: use none or tensorboard")
         if cfg.overwrite and cfg.resume: raise ValueError("--overwrite starts the run over; it cannot go with --resume")
-        self.dist = setup_distributed('cuda' if cuda else 'cpu')
-        self.device = torch.device(f'cuda:{self.dist.local_rank}' if cuda else 'cpu')
-        self.backend = resolve_backend(cfg.attn_backend, self.device)   # flex pads rows to its 128-token blocks; sdpa to the row length
+        self.dist = setup_distributed(device.type)
+        self.device = torch.device(f'cuda:{self.dist.local_rank}') if cuda and device.index is None else device
         self.out = Path(cfg.out_dir)
-        bf16 = cfg.precision == 'bf16' or (cfg.precision == 'auto' and cuda)
+        bf16 = precision == 'bf16'
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         # data
         kw = dict(max_seq_len=cfg.max_seq_len)
@@ -674,40 +683,17 @@ def train(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 # %% ../nbs/06_train.ipynb
-_HELP = dict(
-    model_size="tiny | small | base | large | xlarge (default: small on CUDA, tiny on CPU)",
-    batch_size="rows per micro-batch in the full-speed phase", gradient_accumulation_steps="micro-batches per optimizer step",
-    max_seq_len="tokens per row (crops of whole bars of every track); any length: flex attention pads rows to a multiple of 128", num_workers="DataLoader workers in the phases that use them",
-    epochs="passes over the training rows (used when --max_steps is not given)", max_steps="optimizer steps to train",
-    data_dir="a folder made by `python -m meloformer.data` (default: the embedded demo corpus)", out_dir="where checkpoints, logs and charts go",
-    lr="peak learning rate", min_lr_frac="final LR as a fraction of --lr (cosine)", warmup_steps="linear warm-up steps",
-    weight_decay="AdamW weight decay (matrices only)", grad_clip="gradient norm clip",
-    phases="release | none | auto (release, full-speed batch = the largest that fits free memory) | a JSON phase table (file or string)", constant_samples="keep rows per optimizer step constant across phases",
-    compile="torch.compile the model (bounded shapes)", recompile_limit="dynamo recompile limit per frame (exceeding it is an error)",
-    grad_checkpointing="none | ffn | full", precision="auto | fp32 | bf16", attn_backend="auto | flex | sdpa",
-    mask_preset="museformer | meloformer | dense", transpose="random transposition of pitched tracks, +- semitones",
-    resume="checkpoint file, run folder, or 'auto' (this --out_dir's run from its newest readable checkpoint, an unreadable one skipped with a warning; a fresh start in an empty folder); a named file that cannot be read exits 2",
-    overwrite="a fresh start in an --out_dir that holds another run removes that run's files (without it: refused)",
-    report_to="none | tensorboard (scalars and charts under --out_dir/tensorboard; metrics.csv is always written)",
-    eval_every="validate every N steps", eval_batches="validation batches per evaluation", save_every="checkpoint every N steps",
-    keep_checkpoints="checkpoints to keep", max_bad_steps="abort after N non-finite losses in a row", seed="random seed",
-    device="auto | cpu | cuda", progress="show a progress bar")
+from .cli import ConfigParser, cli_main
 
-def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m meloformer.train', description="Train MeloFormer (default: on the embedded demo corpus).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in TrainConfig.__dataclass_fields__.values():
-        kind = {'int | None': int, 'float | None': float, 'int': int, 'float': float}.get(str(f.type), str)
-        if str(f.type) in ('bool', 'bool | None'): p.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, default=f.default, help=_HELP[f.name])
-        else: p.add_argument(f'--{f.name}', type=kind, default=f.default, help=_HELP[f.name])
-    return p
+def train_parser() -> ConfigParser:
+    "The command line of `python -m meloformer.train`: a flag per `TrainConfig` field, `--config run.yaml`, `--print_config`."
+    return ConfigParser(TrainConfig, prog='python -m meloformer.train', description="Train MeloFormer (default: on the embedded demo corpus).")
 
+@cli_main
 def main(argv=None) -> int:
-    args = train_parser().parse_args(argv)
-    try: result = train(TrainConfig(**vars(args)))
-    except CheckpointError as e:                                   # a named checkpoint that cannot be read: bad input
-        print(f"{type(e).__name__}: {e}", file=sys.stderr); return 2
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+    cfg = train_parser().parse_config(argv)
+    try: result = train(cfg)
+    except FloatingPointError as e:                                # diverged: not the input's fault
         print(f"{type(e).__name__}: {e}", file=sys.stderr); return 1
     if int(os.environ.get('RANK', 0)) == 0:
         msg = f"trained {result['steps']} steps -> {result['out_dir']}"
