@@ -12,13 +12,12 @@ import numpy as np
 import torch
 from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS
 from .attention import MaskMeta, AttnMasks, update_mask, summarize_mask, attend
-from .model import MeloFormer, rope_angles, rope_positions
+from .model import MeloFormer, rope_angles, rope_positions, load_pretrained
 
 # %% auto 0
 __all__ = ['mask_rows', 'DecodeCache', 'forward_cached', 'IncrementalDecoder', 'TrackPlan', 'Plan', 'Grammar', 'GrammarState',
            'sample_next', 'track_token', 'plan_from_scratch', 'plan_from_midi', 'forced_prefix', 'default_max_len',
-           'generate', 'bars_per_track', 'piano_roll', 'generate_parser', 'checkpoint_dir', 'load_checkpoint_dir',
-           'main']
+           'generate', 'bars_per_track', 'piano_roll', 'generate_parser', 'main']
 
 # %% ../nbs/07_generate.ipynb
 def mask_rows(mask_mod, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
@@ -554,7 +553,7 @@ def piano_roll(midi, path=None, ax=None, title: str | None = None, dpi: int = 80
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m meloformer.generate', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Sample MIDI from a trained MeloFormer: from scratch or continuing a MIDI file.")
-    p.add_argument('--checkpoint', required=True, help="a training run folder (train's --out_dir) or its model/ folder")
+    p.add_argument('--checkpoint', required=True, help="a training run folder (train's --out_dir), its model/ folder or a Hugging Face Hub id")
     p.add_argument('--out', required=True, help="output MIDI; several samples are written as NAME_0.mid, NAME_1.mid, ...")
     p.add_argument('--prompt', default=None, help="MIDI file to continue")
     p.add_argument('--prompt_bars', type=int, default=None, help="keep the prompt's first N bars of every track (default 4 when --prompt_tracks is not given)")
@@ -575,19 +574,6 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     return p
 
-def checkpoint_dir(path) -> Path:
-    "The model folder of a training run (`RUN/model`) or a `save_pretrained` folder itself; clear error otherwise."
-    p = Path(path)
-    if (p/'model'/'config.json').is_file(): p = p/'model'
-    missing = [f for f in ('config.json', 'model.safetensors', 'tokenizer.json') if not (p/f).is_file()]
-    if missing: raise ValueError(f"{path}: not a checkpoint folder (missing {', '.join(missing)}; give a training run folder or its model/)")
-    return p
-
-def load_checkpoint_dir(path, device='cpu') -> tuple:
-    "Model (eval mode) and tokenizer of a training run folder or a `save_pretrained` folder."
-    p = checkpoint_dir(path)
-    return MeloFormer.from_pretrained(p, device=device).eval(), HIDTokenizer.load(p)
-
 def _check_args(a):
     for name in ('prompt_bars', 'prompt_tracks', 'bars', 'num_samples', 'max_bar_notes', 'threads'):
         v = getattr(a, name)
@@ -595,7 +581,6 @@ def _check_args(a):
     if a.temperature < 0: raise ValueError(f"--temperature must be >= 0, not {a.temperature}")
     if not 0 < a.top_p <= 1: raise ValueError(f"--top_p must be in (0, 1], not {a.top_p}")
     if a.top_k < 0: raise ValueError(f"--top_k must be >= 0, not {a.top_k}")
-    checkpoint_dir(a.checkpoint)
     if a.prompt is not None and not Path(a.prompt).is_file(): raise ValueError(f"{a.prompt}: no such file")
     if not str(a.out).lower().endswith(('.mid', '.midi')): raise ValueError(f"--out must end in .mid, not {a.out!r}")
 
@@ -605,7 +590,7 @@ def main(argv=None) -> int:
         _check_args(a)
         device = ('cuda' if torch.cuda.is_available() else 'cpu') if a.device == 'auto' else a.device
         if device == 'cpu': torch.set_num_threads(a.threads)
-        model, tok = load_checkpoint_dir(a.checkpoint, device)
+        model, tok = load_pretrained(a.checkpoint, device)
         if a.prompt:
             prompt_bars = a.prompt_bars if a.prompt_bars or a.prompt_tracks else 4
             plan = plan_from_midi(tok, a.prompt, prompt_bars, a.prompt_tracks, a.bars, a.tracks or ())
