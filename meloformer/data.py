@@ -259,7 +259,7 @@ def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05,
                 src=str(src) if src else None, files_per_shard=files_per_shard, seed=seed, valid_frac=valid_frac, shards=names,
                 expected_shards=expected_shards, missing=missing, complete=not missing, digest=_data_digest(tok, seed, valid_frac, digests),
                 files=n_files, skipped=len(skipped), duplicates=int((~unique).sum()), counts=counts, losses=corpus_losses(losses))
-    tok.save(root)
+    tok.save_pretrained(root)
     _write_atomic(root/'skipped.jsonl', ''.join(json.dumps(dict(file=f, reason=r)) + '\n' for f, r in skipped))
     _write_atomic(root/'losses.jsonl', ''.join(json.dumps(dict(file=f, **c)) + '\n' for f, c in sorted(losses.items())))
     (root/'skipped.tsv').unlink(missing_ok=True)                  # format 2's report, not this build's
@@ -280,7 +280,7 @@ def build_corpus(src, out, workers: int = 0, valid_frac: float = 0.05, seed: int
     if not 0 <= shard_index < num_shards: raise ValueError(f"--shard_index {shard_index} not in [0, {num_shards})")
     if files_per_shard < 1: raise ValueError(f"--files_per_shard {files_per_shard}: must be at least 1")
     if not 0 <= valid_frac < 1: raise ValueError(f"--valid_frac {valid_frac} not in [0, 1)")
-    if (out/'tokenizer.json').exists() and HIDTokenizer.load(out).config != tok.config:
+    if (out/'tokenizer.json').exists() and HIDTokenizer.from_pretrained(out).config != tok.config:
         raise ValueError(f"{out}: holds shards made with another tokenizer config; use a new folder")
     files = find_midi(src)
     base = src if src.is_dir() else src.parent
@@ -392,7 +392,7 @@ class ShardDataset(torch.utils.data.Dataset):
             if not (self.root/'shards'/n/'table.npy').exists():
                 raise FileNotFoundError(f"{self.root/'shards'/n}: listed in meta.json but missing; rebuild it with `{_build_command(m, self.root)}`")
         if split not in ('train', 'valid', 'all'): raise ValueError(f"split {split!r}: use 'train', 'valid' or 'all'")
-        self.tok = HIDTokenizer.load(self.root)
+        self.tok = HIDTokenizer.from_pretrained(self.root)
         self.split, self.max_seq_len, self.transpose, self.max_open_shards = split, max_seq_len, transpose, max_open_shards
         self.shard_names, self._digest = m['shards'], m.get('digest')
         shard, table, hashes = _load_tables(self.root, self.shard_names)

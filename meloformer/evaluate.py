@@ -314,7 +314,7 @@ def loss_by_kind(model, dataset, device='cpu', batch_size: int = 8, max_batches:
     return df
 
 # %% ../nbs/08_evaluate.ipynb
-from .generate import load_checkpoint_dir
+from .model import load_pretrained
 
 def _reference_plan(tok, dataset, n_bars: int):
     "The most common track list of the reference pieces, their first meter and tempo, as a plan from scratch."
@@ -334,8 +334,7 @@ def evaluate_checkpoint(path, dataset=None, reference=None, num_samples: int = 8
                         batch_size: int = 8, seed: int = 0, temperature: float = 1.0, top_p: float = 0.95, out_dir=None, device='cpu') -> dict:
     "One checkpoint's numbers on `device`: validation loss/perplexity per kind and the metrics of generated samples vs `reference`."
     from meloformer.generate import generate
-    model, tok = load_checkpoint_dir(path, device)
-    model.to(device)
+    model, tok = load_pretrained(path, device)
     dataset = dataset or demo_dataset('valid', max_seq_len=1024)
     kinds = loss_by_kind(model, dataset, device, batch_size=batch_size, max_batches=max_batches)
     plan = _reference_plan(tok, dataset, n_bars)

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS
-from .model import MeloFormer, DecodeCache
+from .model import MeloFormer, DecodeCache, load_pretrained
 from .grammar import Plan, Grammar, default_max_len, forced_prefix, is_int, plan_from_midi, plan_from_scratch
 from .grammar import PROGRAMS as _PROGRAMS      # the track names the CLI's --tracks help lists
 
+
 # %% auto 0
 __all__ = ['forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track', 'piano_roll', 'GenerateConfig',
-           'generate_parser', 'checkpoint_dir', 'load_checkpoint_dir', 'main']
+           'generate_parser', 'main']
 
 # %% ../nbs/07_generate.ipynb
 @torch.no_grad()
@@ -225,19 +226,6 @@ def generate_parser() -> ConfigParser:
     return ConfigParser(GenerateConfig, prog='python -m meloformer.generate',
                         description="Sample MIDI from a trained MeloFormer: from scratch or continuing a MIDI file.")
 
-def checkpoint_dir(path) -> Path:
-    "The model folder of a training run (`RUN/model`) or a `save_pretrained` folder itself; clear error otherwise."
-    p = Path(path)
-    if (p/'model'/'config.json').is_file(): p = p/'model'
-    missing = [f for f in ('config.json', 'model.safetensors', 'tokenizer.json') if not (p/f).is_file()]
-    if missing: raise ValueError(f"{path}: not a checkpoint folder (missing {', '.join(missing)}; give a training run folder or its model/)")
-    return p
-
-def load_checkpoint_dir(path, device='cpu') -> tuple:
-    "Model (eval mode) and tokenizer of a training run folder or a `save_pretrained` folder."
-    p = checkpoint_dir(path)
-    return MeloFormer.from_pretrained(p, device=device).eval(), HIDTokenizer.load(p)
-
 def _check_args(a):
     for name in ('prompt_bars', 'prompt_tracks', 'bars', 'num_samples', 'max_bar_notes', 'threads'):
         v = getattr(a, name)
@@ -245,7 +233,6 @@ def _check_args(a):
     if a.temperature < 0: raise ValueError(f"--temperature must be >= 0, not {a.temperature}")
     if not 0 < a.top_p <= 1: raise ValueError(f"--top_p must be in (0, 1], not {a.top_p}")
     if a.top_k < 0: raise ValueError(f"--top_k must be >= 0, not {a.top_k}")
-    checkpoint_dir(a.checkpoint)
     if a.prompt is not None and not Path(a.prompt).is_file(): raise ValueError(f"{a.prompt}: no such file")
     if not str(a.out).lower().endswith(('.mid', '.midi')): raise ValueError(f"--out must end in .mid, not {a.out!r}")
 
@@ -255,7 +242,7 @@ def main(argv=None) -> int:
     _check_args(a)
     device = resolve_device(a.device)[0]                                  # --device cuda without CUDA: ValueError
     if device.type == 'cpu': torch.set_num_threads(a.threads)
-    model, tok = load_checkpoint_dir(a.checkpoint, str(device))
+    model, tok = load_pretrained(a.checkpoint, str(device))
     model.to(device)
     if a.prompt:
         prompt_bars = a.prompt_bars if a.prompt_bars or a.prompt_tracks else 4

@@ -12,14 +12,16 @@ from pathlib import Path
 import numpy as np
 import miditoolkit
 import symusic
+from huggingface_hub import ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import HFValidationError
 
 # %% auto 0
-__all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'BAR_CHANGES', 'META_KEYS', 'LOSS_KINDS', 'demo_midi_dir',
-           'sample_midi_dir', 'write_edge_midi', 'write_sample_midi', 'sample_midi', 'MidiReadError', 'TokenizerConfig',
-           'Track', 'Piece', 'read_piece', 'bar_grid', 'chords_per_bar', 'pitch_class_weight', 'track_class',
-           'round_half_up', 'velocity_bin', 'velocity_of_bin', 'tempo_bin', 'Layout', 'layout_piece', 'TokenKind',
-           'AnnotationState', 'HIDTokenizer', 'report_losses', 'fuzz_encode', 'seconds_at', 'bar_lines',
-           'round_trip_fidelity', 'tokenizer_parser', 'main']
+__all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'BAR_CHANGES', 'META_KEYS', 'TOKENIZER_FILE', 'LOSS_KINDS',
+           'demo_midi_dir', 'sample_midi_dir', 'write_edge_midi', 'write_sample_midi', 'sample_midi', 'MidiReadError',
+           'TokenizerConfig', 'Track', 'Piece', 'read_piece', 'bar_grid', 'chords_per_bar', 'pitch_class_weight',
+           'track_class', 'round_half_up', 'velocity_bin', 'velocity_of_bin', 'tempo_bin', 'Layout', 'layout_piece',
+           'TokenKind', 'AnnotationState', 'hub_error', 'TokenizerHubMixin', 'HIDTokenizer', 'report_losses',
+           'fuzz_encode', 'seconds_at', 'bar_lines', 'round_trip_fidelity', 'tokenizer_parser', 'main']
 
 # %% ../nbs/00_tokenizer.ipynb
 def demo_midi_dir() -> Path:
@@ -747,7 +749,64 @@ class AnnotationState:
                     note=self.n_onsets - 1 if is_note else -1, pos=self.last_onset if is_note else -1)
 
 # %% ../nbs/00_tokenizer.ipynb
-class HIDTokenizer:
+TOKENIZER_FILE = 'tokenizer.json'
+
+def hub_error(e: Exception) -> str:
+    "The reason of an error from the Hugging Face Hub client in one line (its messages run over several)."
+    if isinstance(e, HFValidationError): return "not of the form owner/name"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+class TokenizerHubMixin(ModelHubMixin, library_name='meloformer', tags=['music', 'midi', 'symbolic-music'],
+                        repo_url='https://github.com/meloformer/meloformer', docs_url='https://meloformer.github.io/meloformer'):
+    "`save_pretrained` / `from_pretrained` / `push_to_hub` of a tokenizer with a `config` (`TokenizerConfig`) and a `vocab`: one `tokenizer.json`."
+    def save_pretrained(self, save_directory, *, push_to_hub: bool = False, repo_id: str | None = None, **hub_kwargs) -> str | None:
+        """Write `tokenizer.json` (format version, config, vocabulary) into `save_directory`, made if missing; the file is
+        replaced atomically and the folder's other files (a model's `config.json`, a corpus) are left alone. With
+        `push_to_hub=True` it is also uploaded to `repo_id` (default: the folder's name): the commit's url; else None."""
+        save_directory = Path(save_directory); save_directory.mkdir(parents=True, exist_ok=True)
+        self._save_pretrained(save_directory)
+        return self.push_to_hub(repo_id or save_directory.name, **hub_kwargs) if push_to_hub else None
+
+    def _save_pretrained(self, save_directory: Path):
+        path = Path(save_directory)/TOKENIZER_FILE; tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+        tmp.write_text(json.dumps(dict(format=TOKENIZER_FORMAT, config=dataclasses.asdict(self.config), vocab=self.vocab), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, force_download: bool = False, token: str | bool | None = None,
+                        cache_dir=None, local_files_only: bool = False, revision: str | None = None) -> 'HIDTokenizer':
+        """The tokenizer saved in a folder (a corpus, a model folder, a training run's `model/`), in a `tokenizer.json`, or in
+        a Hub repository (`owner/name`, downloaded). `ValueError` naming the format version for a tokenizer saved by another
+        one; `FileNotFoundError` naming the path when there is no tokenizer there."""
+        # not the mixin's: it would read a `config.json` beside the tokenizer, which is a model's
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,
+                                    force_download=force_download, local_files_only=local_files_only, token=token)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False, local_files_only=False,
+                         token=None, **unused) -> 'HIDTokenizer':
+        path = Path(model_id)
+        if path.is_dir(): path = path/TOKENIZER_FILE
+        elif not path.exists():
+            try: path = Path(hf_hub_download(model_id, TOKENIZER_FILE, revision=revision, cache_dir=cache_dir, token=token,
+                                             force_download=force_download, local_files_only=local_files_only))
+            except (ValueError, OSError) as e:      # not a repository id, no network, no such repository or file
+                raise FileNotFoundError(f"{model_id}: no such folder, nor a tokenizer on the Hugging Face Hub ({hub_error(e)})") from None
+        if not path.is_file(): raise FileNotFoundError(f"{path}: no such file (a tokenizer folder holds {TOKENIZER_FILE})")
+        try: data = json.loads(path.read_text())
+        except json.JSONDecodeError as e: raise ValueError(f"{path}: not a tokenizer file ({e})") from None
+        version = data.get('format', 1)
+        if version != TOKENIZER_FORMAT:
+            raise ValueError(f"{model_id}: tokenizer format {version} (MeloFormer {'0.1' if version == 1 else 'other'}), this is "
+                             f"format {TOKENIZER_FORMAT} (drum kits, tempo inside bars, 192 tempo bins): re-tokenize the corpus "
+                             f"and retrain, or use the MeloFormer release that wrote it")
+        tok = cls(TokenizerConfig(**data['config']))
+        if tok.vocab != data['vocab']: raise ValueError(f"{model_id}: vocabulary does not match its config")
+        return tok
+
+# %% ../nbs/00_tokenizer.ipynb
+class HIDTokenizer(TokenizerHubMixin):
     "MIDI <-> HID tokens (instrument-major, one chord token per bar per track) and per-token metadata."
     def __init__(self, config: TokenizerConfig | None = None):
         self.config = config or TokenizerConfig()
@@ -824,26 +883,6 @@ class HIDTokenizer:
         bad = np.flatnonzero((a < 0) | (a >= self.vocab_size))
         if len(bad): raise ValueError(f"tokens: id {a[bad[0]]} at position {bad[0]} is not in the vocabulary (0..{self.vocab_size - 1}, vocab_size {self.vocab_size})")
         return [self.vocab[i] for i in a.tolist()]
-
-    def save(self, directory) -> Path:
-        "Write `tokenizer.json` (format version, config and vocabulary) into `directory`."
-        path = Path(directory); path.mkdir(parents=True, exist_ok=True)
-        data = dict(format=TOKENIZER_FORMAT, config=dataclasses.asdict(self.config), vocab=self.vocab)
-        (path/'tokenizer.json').write_text(json.dumps(data, indent=1))
-        return path/'tokenizer.json'
-
-    @classmethod
-    def load(cls, directory) -> 'HIDTokenizer':
-        "The tokenizer saved in `directory`; raises `ValueError` naming the format version if it was saved by another one."
-        data = json.loads((Path(directory)/'tokenizer.json').read_text())
-        version = data.get('format', 1)
-        if version != TOKENIZER_FORMAT:
-            raise ValueError(f"{directory}: tokenizer format {version} (MeloFormer {'0.1' if version == 1 else 'other'}), this is "
-                             f"format {TOKENIZER_FORMAT} (drum kits, tempo inside bars, 192 tempo bins): re-tokenize the corpus "
-                             f"and retrain, or use the MeloFormer release that wrote it")
-        tok = cls(TokenizerConfig(**data['config']))
-        if tok.vocab != data['vocab']: raise ValueError(f"{directory}: vocabulary does not match its config")
-        return tok
 
     def __repr__(self): return f"HIDTokenizer(vocab_size={self.vocab_size}, {self.config})"
 

@@ -653,7 +653,7 @@ class Trainer:
         if self.dist.world_size > 1: self._write_rank_report()
         if not self.dist.main: return result
         result['checkpoint'] = str(self.save())
-        self.model.save_pretrained(self.out/'model'); self.tok.save(self.out/'model')
+        self.model.save_pretrained(self.out/'model'); self.tok.save_pretrained(self.out/'model')
         self.memory.save(self.out)
         plot_losses(self.out/'metrics.csv', self.out/'loss.png')
         if self.tb is not None:
