@@ -421,7 +421,7 @@ def fixed_summary_slots(model, batches: list, extra: int = 0) -> tuple[int, list
     multiple of the mask's `summary_multiple`, plus `extra`), and their own counts; `model.build_masks` then pads every
     batch to it, so the compiled step meets one shape. Unused slots end at L: no query reads them."""
     from meloformer.attention import build_masks, n_summary_slots, segment_slots
-    from meloformer.train import batch_to
+    from meloformer.model import batch_to
     mult = model.cfg.mask.summary_multiple
     own = []
     for batch in batches:
@@ -531,7 +531,7 @@ def dry_flex_forward(c, batches: list, rep: Report) -> bool:
     import torch
     from meloformer.model import MeloFormer, ModelConfig
     from meloformer.tokenizer import HIDTokenizer
-    from meloformer.train import batch_to
+    from meloformer.model import batch_to
     torch.manual_seed(0)
     model = MeloFormer(ModelConfig.from_size(c['size'], vocab_size=HIDTokenizer().vocab_size, attn_backend='flex')).eval()
     S, _ = fixed_summary_slots(model, batches, c['extra_slots'])
@@ -560,7 +560,7 @@ def item_attention(cfg, rep: Report, dry: bool) -> bool:
     from meloformer.attention import MaskConfig, build_masks, attend
     from meloformer.tokenizer import HIDTokenizer
     from meloformer.data import demo_dataset, make_loader
-    from meloformer.train import batch_to
+    from meloformer.model import batch_to
     ba = load_bench('attention')
     c = cfg['attention']
     dev, dtype, H, D = ('cpu' if dry else 'cuda'), getattr(torch, c['dtype']), c['heads'], c['head_dim']

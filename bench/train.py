@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from meloformer.train import Trainer, TrainConfig, batch_to
+from meloformer.train import Trainer, TrainConfig
+from meloformer.model import batch_to
 from _common import machine_info
 
 OUT = Path(__file__).resolve().parent / 'results'

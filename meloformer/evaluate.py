@@ -293,7 +293,7 @@ def loss_by_kind(model, dataset, device='cpu', batch_size: int = 8, max_batches:
     "Validation loss and perplexity overall and per kind of target token (fixed crops and order)."
     import torch.nn.functional as F
     from meloformer.data import make_loader
-    from meloformer.train import batch_to
+    from meloformer.model import batch_to
     tok, was_training = dataset.tok, model.training
     model.eval()
     kind_of = torch.as_tensor(tok.kind_of(np.arange(tok.vocab_size)))

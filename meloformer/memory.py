@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['CPU_RUNTIME_MB', 'MemoryTracker', 'plot_phase_memory', 'summary_slots', 'estimate_memory', 'saved_tensor_bytes',
-           'measure_step', 'compare_estimates', 'find_max_seq_len', 'find_max_batch', 'plot_memory_vs_length',
-           'plot_breakdown', 'MemoryConfig', 'memory_parser', 'default_budget_gb', 'main']
+__all__ = ['CPU_RUNTIME_MB', 'status_mb', 'MemoryTracker', 'plot_phase_memory', 'summary_slots', 'estimate_memory',
+           'saved_tensor_bytes', 'measure_step', 'compare_estimates', 'find_max_seq_len', 'find_max_batch',
+           'plot_memory_vs_length', 'plot_breakdown', 'MemoryConfig', 'memory_parser', 'default_budget_gb', 'main']
 
 # %% ../nbs/05_memory.ipynb
-def _status_mb(pid='self', key='VmHWM') -> float:
+def status_mb(pid='self', key='VmHWM') -> float:
     "A memory line of /proc/PID/status in MiB (0 where unreadable)."
     try: return int(re.search(rf'{key}:\s+(\d+)', Path(f'/proc/{pid}/status').read_text()).group(1)) / 1024
     except (OSError, AttributeError): return 0.0
@@ -55,7 +55,7 @@ class MemoryTracker:
         if not self._current: return None
         cur, self._current = self._current, None
         row = dict(phase=cur['phase'], device=self.device, steps=steps, seconds=round(time.perf_counter() - cur['t0'], 2),
-                   peak_rss_mb=round(_status_mb(), 1), peak_rss_workers_mb=round(sum(_status_mb(p) for p in _child_pids()), 1))
+                   peak_rss_mb=round(status_mb(), 1), peak_rss_workers_mb=round(sum(status_mb(p) for p in _child_pids()), 1))
         if self.device.startswith('cuda'):
             torch.cuda.synchronize()
             row.update(peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1),
@@ -148,7 +148,7 @@ def _step_peak(size: str, batch_size: int, seq_len: int, device: str = 'cpu', pr
     "Peak MiB of `steps` training steps in this process (see `measure_step`)."
     from meloformer.model import MeloFormer, ModelConfig
     from meloformer.data import demo_dataset, make_loader
-    from meloformer.train import batch_to, lm_loss
+    from meloformer.model import batch_to, lm_loss
     ds = demo_dataset('train', max_seq_len=seq_len)
     ids, meta, labels = batch_to(next(iter(make_loader(ds, batch_size, seed=0))), device)
     if ids.shape[1] < seq_len:                 # the demo's rows are short of long lengths: tile the batch to seq_len
@@ -159,7 +159,7 @@ def _step_peak(size: str, batch_size: int, seq_len: int, device: str = 'cpu', pr
                 for k, v in meta.items()}
     cuda = device.startswith('cuda')
     if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated() / 2**20
-    else: base = _status_mb(key='VmRSS'); _reset_hwm()
+    else: base = status_mb(key='VmRSS'); _reset_hwm()
     model = MeloFormer(ModelConfig.from_size(size, vocab_size=ds.tok.vocab_size, attn_backend=backend, checkpointing=checkpointing)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16, enabled=precision == 'bf16')
@@ -167,7 +167,7 @@ def _step_peak(size: str, batch_size: int, seq_len: int, device: str = 'cpu', pr
         masks = model.build_masks(meta)
         with autocast: logits = model(ids, meta, masks)
         lm_loss(logits, labels).backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated() / 2**20 - base if cuda else _status_mb() - base
+    peak = torch.cuda.max_memory_allocated() / 2**20 - base if cuda else status_mb() - base
     return dict(size=size, batch_size=batch_size, seq_len=int(ids.shape[1]), summary_slots=int(masks.meta.S), peak_mb=round(peak, 1))
 
 def measure_step(size: str, batch_size: int, seq_len: int, device: str = 'cpu', **kw) -> dict:

@@ -4,8 +4,8 @@
 
 # %% auto 0
 __all__ = ['ModelSize', 'Precision', 'Backend', 'MODEL_CARD', 'MODEL_FILES', 'CHECKPOINT_FILES', 'ModelConfig', 'resolve_device',
-           'rope_angles', 'rope_positions', 'SwiGLU', 'Block', 'MeloFormer', 'checkpoint_dir', 'load_pretrained',
-           'max_change_before', 'DecodeCache']
+           'rope_angles', 'rope_positions', 'SwiGLU', 'Block', 'lm_loss', 'batch_to', 'MeloFormer', 'checkpoint_dir',
+           'load_pretrained', 'max_change_before', 'DecodeCache']
 
 # %% ../nbs/03_model.ipynb
 import json, math, os
@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_model, load_model
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
-from .tokenizer import TokenKind, HIDTokenizer, TOKENIZER_FILE, hub_error
+from .tokenizer import TokenKind, META_KEYS, HIDTokenizer, TOKENIZER_FILE, hub_error
 from .attention import MaskConfig, MaskMeta, AttnMasks, SummaryAttention, build_masks
 from .attention import KVCache, cached_masks
 
@@ -183,6 +183,16 @@ or `python -m meloformer.generate --checkpoint FOLDER_OR_HUB_ID --out song.mid`.
 """
 
 # %% ../nbs/03_model.ipynb
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 'mean') -> torch.Tensor:
+    "Cross-entropy (float32) of logits (B, L, V) against labels (B, L) already shifted, -100 ignored: a scalar ('mean', 'sum') or (B*L,) ('none')."
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
+
+def batch_to(batch: dict, device) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    "ids (B, L), meta (dict of (B, L): the `META_KEYS` and `doc`) and labels (B, L) of a collated batch, on `device`."
+    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return b['ids'], {k: b[k] for k in (*META_KEYS, 'doc')}, b['labels']
+
+# %% ../nbs/03_model.ipynb
 class MeloFormer(nn.Module, PyTorchModelHubMixin, library_name='meloformer', license='apache-2.0', model_card_template=MODEL_CARD,
                  tags=['music', 'midi', 'symbolic-music', 'music-generation'], repo_url='https://github.com/meloformer/meloformer',
                  docs_url='https://meloformer.github.io/meloformer'):
@@ -210,8 +220,9 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin, library_name='meloformer', lic
         "Masks of a batch, shared by all layers (host work: one sync for the summary count)."
         return build_masks(meta, self.cfg.mask, backend or self.cfg.attn_backend, self.cfg.block_size)
 
-    def forward(self, ids: torch.Tensor, meta: dict, masks: AttnMasks | None = None, cache=None, slots=None) -> torch.Tensor:
-        """ids (B, L), meta dict of (B, L) -> logits (B, L, vocab) of the regular tokens.
+    def forward(self, ids: torch.Tensor, meta: dict, masks: AttnMasks | None = None, cache=None, slots=None, labels=None):
+        """ids (B, L), meta dict of (B, L) -> logits (B, L, vocab) of the regular tokens; with `labels` (B, L) (already
+        shifted, -100 ignored) -> (logits, `lm_loss(logits, labels)`), as nanoGPT's forward returns its loss.
         With `cache` (a `DecodeCache`): ids (B, T) are appended to it and `slots` (B, C) are the summary slots of the
         segments they close (see `DecodeCache.append`); the logits are the full forward's at these T positions."""
         if cache is None:
@@ -231,7 +242,8 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin, library_name='meloformer', lic
             elif self.cfg.checkpointing == 'full' and self.training:
                 x, s = checkpoint(block, x, s, masks, rope, rope_s, use_reentrant=False)
             else: x, s = block(x, s, masks, rope, rope_s)
-        return self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))
+        return logits if labels is None else (logits, lm_loss(logits, labels))
 
     # save_pretrained and push_to_hub are the mixin's; the files, the folders and the errors: "Save and load" below
     def _save_pretrained(self, save_directory: Path): _save_model_files(self, Path(save_directory))

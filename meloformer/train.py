@@ -11,13 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from .model import batch_to, lm_loss
+from .memory import status_mb
+
 
 # %% auto 0
 __all__ = ['CKPT_PREFIX', 'CPU_DEFAULTS', 'CUDA_DEFAULTS', 'RUN_FIELDS', 'CADENCE_FIELDS', 'METRIC_FIELDS', 'RUN_FILES',
            'rng_state', 'set_rng_state', 'list_checkpoints', 'save_checkpoint', 'CheckpointError', 'load_checkpoint',
            'lr_lambda', 'MetricsLog', 'plot_losses', 'TrainConfig', 'resolve_config', 'run_settings', 'run_fingerprint',
-           'settings_diff', 'batch_to', 'lm_loss', 'evaluate_loss', 'Dist', 'setup_distributed', 'steps_for_epochs',
-           'EpochRest', 'Trainer', 'train', 'train_parser', 'main']
+           'settings_diff', 'evaluate_loss', 'Dist', 'setup_distributed', 'steps_for_epochs', 'EpochRest', 'Trainer',
+           'train', 'train_parser', 'main']
 
 # %% ../nbs/06_train.ipynb
 def rng_state() -> dict:
@@ -244,16 +247,6 @@ def settings_diff(old: dict, new: dict) -> list[str]:
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 # %% ../nbs/06_train.ipynb
-def batch_to(batch: dict, device) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    "ids, meta (the metadata keys and doc) and labels of a collated batch, on `device`."
-    from meloformer.tokenizer import META_KEYS
-    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return b['ids'], {k: b[k] for k in (*META_KEYS, 'doc')}, b['labels']
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 'mean') -> torch.Tensor:
-    "Next-token cross-entropy (labels are already shifted; -100 ignored)."
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
-
 @torch.no_grad()
 def evaluate_loss(model, dataset, device, batch_size: int = 8, max_batches: int | None = None, autocast=contextlib.nullcontext) -> dict:
     "Mean loss per target token and perplexity over `dataset` (fixed crops and order); `ValueError` when it has no target token."
@@ -328,8 +321,7 @@ def _param_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
 
 def _rss_mb() -> float:
-    from meloformer.memory import _status_mb
-    return _status_mb(key='VmRSS')
+    return status_mb(key='VmRSS')
 
 METRIC_FIELDS = ['step', 'phase', 'loss', 'lr', 'grad_norm', 'tokens_per_s', 'mem_mb', 'epoch', 'val_loss', 'val_ppl', 'val_tokens']
 RUN_FILES = ('run.json', 'metrics.csv', 'memory.csv', 'memory.png', 'loss.png', 'model', 'tensorboard')   # what a run writes besides checkpoints
