@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meloformer import evaluate as ev
+from meloformer import metrics as ev
 from meloformer.tokenizer import read_piece, sample_midi_dir
 from meloformer.data import demo_midi_dir
 from _common import machine, median_time

@@ -15,9 +15,10 @@ from .model import MeloFormer, DecodeCache, load_pretrained
 from .grammar import Plan, Grammar, default_max_len, forced_prefix, is_int, plan_from_midi, plan_from_scratch
 from .grammar import PROGRAMS as _PROGRAMS      # the track names the CLI's --tracks help lists
 
+from .metrics import piano_roll
 
 # %% auto 0
-__all__ = ['forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track', 'piano_roll', 'GenerateConfig',
+__all__ = ['forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track', 'GenerateConfig',
            'generate_parser', 'main']
 
 # %% ../nbs/07_generate.ipynb
@@ -162,35 +163,6 @@ def bars_per_track(tok: HIDTokenizer, ids) -> list:
     meta = tok.annotate(ids)
     is_bar = (meta['kind'] == TokenKind.BAR) & (meta['track'] >= 0)
     return np.bincount(meta['track'][is_bar], minlength=int(meta['track'].max()) + 1).tolist() if is_bar.any() else []
-
-# %% ../nbs/07_generate.ipynb
-def piano_roll(midi, path=None, ax=None, title: str | None = None, dpi: int = 80):
-    "Notes of a `miditoolkit.MidiFile` as a piano roll, one colour per track, bar lines in grey; saved small to `path`."
-    import matplotlib; import matplotlib.pyplot as plt
-    fig = None
-    if ax is None: fig, ax = plt.subplots(figsize=(7, 2.6), dpi=dpi)
-    tpq = midi.ticks_per_beat
-    end = max([n.end for i in midi.instruments for n in i.notes], default=tpq * 4)
-    # bar lines from the time signatures
-    sigs = sorted(midi.time_signature_changes, key=lambda s: s.time) or [type('TS', (), dict(time=0, numerator=4, denominator=4))]
-    t, k = 0, 0
-    while t <= end:
-        while k + 1 < len(sigs) and sigs[k + 1].time <= t: k += 1
-        ax.axvline(t / tpq, color='0.85', lw=0.5, zorder=0)
-        t += sigs[k].numerator * 4 * tpq // sigs[k].denominator
-    colors = matplotlib.colormaps['tab10']
-    for j, inst in enumerate(midi.instruments):
-        if not inst.notes: continue
-        a = np.array([(n.start, n.end, n.pitch) for n in inst.notes], float)
-        ax.hlines(a[:, 2], a[:, 0] / tpq, a[:, 1] / tpq, colors=[colors(j % 10)], lw=2,
-                  label='drums' if inst.is_drum else f'program {inst.program}')
-    ax.set_xlabel('quarter notes'); ax.set_ylabel('pitch'); ax.set_xlim(0, end / tpq)
-    if midi.instruments: ax.legend(fontsize=6, loc='upper right', ncol=min(4, len(midi.instruments)))
-    if title: ax.set_title(title, fontsize=8)
-    if fig is not None:
-        fig.tight_layout()
-        if path: fig.savefig(path, dpi=dpi); plt.close(fig)
-    return ax
 
 # %% ../nbs/07_generate.ipynb
 from .cli import ConfigParser, cli_main
