@@ -13,7 +13,7 @@ from pathlib import Path
 
 import symusic
 
-from meloformer.tokenizer import HIDTokenizer, MidiReadError, read_piece, sample_midi_dir, _layout, _write_tokens
+from meloformer.tokenizer import HIDTokenizer, MidiReadError, read_piece, sample_midi_dir, layout_piece, _write_tokens
 from _common import machine, median_time
 
 
@@ -59,7 +59,7 @@ def main():
     # where the encode time goes
     parse_sym = median_time(lambda: [symusic.Score(str(f)) for f in files], args.repeats)
     parse_read = median_time(lambda: [read_piece(f) for f in files], args.repeats)
-    hid_tokenize = median_time(lambda: [_write_tokens(tok.config, tok.vocab_index, tok.ranges, _layout(tok.config, p)) for p in pieces], args.repeats)
+    hid_tokenize = median_time(lambda: [_write_tokens(tok.config, tok.vocab_index, tok.ranges, layout_piece(tok.config, p)) for p in pieces], args.repeats)
     scores = [symusic.Score(str(f)) for f in files]
     remi_tokenize = median_time(lambda: [remi.encode(s) for s in scores], args.repeats)
 
