@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from safetensors import SafetensorError
 from safetensors.torch import save_model, load_model
+from fastcore.basics import patch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 from .tokenizer import TokenKind, META_KEYS, HIDTokenizer, TOKENIZER_FILE, hub_error
@@ -220,31 +221,6 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin, library_name='meloformer', lic
         "Masks of a batch, shared by all layers (host work: one sync for the summary count)."
         return build_masks(meta, self.cfg.mask, backend or self.cfg.attn_backend, self.cfg.block_size)
 
-    def forward(self, ids: torch.Tensor, meta: dict, masks: AttnMasks | None = None, cache=None, slots=None, labels=None):
-        """ids (B, L), meta dict of (B, L) -> logits (B, L, vocab) of the regular tokens; with `labels` (B, L) (already
-        shifted, -100 ignored) -> (logits, `lm_loss(logits, labels)`), as nanoGPT's forward returns its loss.
-        With `cache` (a `DecodeCache`): ids (B, T) are appended to it and `slots` (B, C) are the summary slots of the
-        segments they close (see `DecodeCache.append`); the logits are the full forward's at these T positions."""
-        if cache is None:
-            masks = masks or self.build_masks(meta)
-            pos, n_summaries = None, masks.meta.S
-        else:
-            if self.summary_emb is None: slots = None           # nothing to summarize without summaries (`dense`)
-            masks, pos = cache.append(meta, slots)
-            n_summaries = 0 if slots is None else slots.shape[1]
-        rope, rope_s = rope_positions(self.cfg, meta, masks, pos, slots)
-        x = self.tok_emb(ids)                                     # (B, L, d)
-        s = None
-        if self.summary_emb is not None and n_summaries:
-            s = self.summary_emb.to(x.dtype).expand(ids.shape[0], n_summaries, -1)   # (B, S, d)
-        for i, block in enumerate(self.blocks):
-            if cache is not None: x, s = block(x, s, masks, rope, rope_s, cache.layer(i, pos, slots))
-            elif self.cfg.checkpointing == 'full' and self.training:
-                x, s = checkpoint(block, x, s, masks, rope, rope_s, use_reentrant=False)
-            else: x, s = block(x, s, masks, rope, rope_s)
-        logits = self.head(self.ln_f(x))
-        return logits if labels is None else (logits, lm_loss(logits, labels))
-
     # save_pretrained and push_to_hub are the mixin's; the files, the folders and the errors: "Save and load" below
     def _save_pretrained(self, save_directory: Path): _save_model_files(self, Path(save_directory))
 
@@ -262,6 +238,33 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin, library_name='meloformer', lic
                          config: dict | None = None, map_location: str = 'cpu', strict: bool = True) -> 'MeloFormer':
         hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only, token=token)
         return _load_model_files(cls, model_id, config, map_location, strict, hub)
+
+# %% ../nbs/03_model.ipynb
+@patch
+def forward(self: MeloFormer, ids: torch.Tensor, meta: dict, masks: AttnMasks | None = None, cache=None, slots=None, labels=None):
+    """ids (B, L), meta dict of (B, L) -> logits (B, L, vocab) of the regular tokens; with `labels` (B, L) (already
+    shifted, -100 ignored) -> (logits, `lm_loss(logits, labels)`), as nanoGPT's forward returns its loss.
+    With `cache` (a `DecodeCache`): ids (B, T) are appended to it and `slots` (B, C) are the summary slots of the
+    segments they close (see `DecodeCache.append`); the logits are the full forward's at these T positions."""
+    if cache is None:
+        masks = masks or self.build_masks(meta)
+        pos, n_summaries = None, masks.meta.S
+    else:
+        if self.summary_emb is None: slots = None           # nothing to summarize without summaries (`dense`)
+        masks, pos = cache.append(meta, slots)
+        n_summaries = 0 if slots is None else slots.shape[1]
+    rope, rope_s = rope_positions(self.cfg, meta, masks, pos, slots)
+    x = self.tok_emb(ids)                                     # (B, L, d)
+    s = None
+    if self.summary_emb is not None and n_summaries:
+        s = self.summary_emb.to(x.dtype).expand(ids.shape[0], n_summaries, -1)   # (B, S, d)
+    for i, block in enumerate(self.blocks):
+        if cache is not None: x, s = block(x, s, masks, rope, rope_s, cache.layer(i, pos, slots))
+        elif self.cfg.checkpointing == 'full' and self.training:
+            x, s = checkpoint(block, x, s, masks, rope, rope_s, use_reentrant=False)
+        else: x, s = block(x, s, masks, rope, rope_s)
+    logits = self.head(self.ln_f(x))
+    return logits if labels is None else (logits, lm_loss(logits, labels))
 
 # %% ../nbs/03_model.ipynb
 MODEL_FILES = ('config.json', 'model.safetensors')           # what save_pretrained writes (with a README.md card)
