@@ -186,8 +186,10 @@ class AttnMasks:
     update: object                     # BlockMask, or bool (B, 1, L, L + S)
     summarize: object = None           # BlockMask, or bool (B, 1, S, S + L); None without summaries
 
-_compiled = {}
+_compiled = {}                          # compiled flex functions, made at their first use outside a compiled region
 def _compile(name, fn, **kw):
+    "`fn` compiled (once); inside a compiled region `fn` itself, for that region's compile to trace (`_compiled` untouched)."
+    if torch.compiler.is_compiling(): return fn
     if name not in _compiled: _compiled[name] = torch.compile(fn, **kw)
     return _compiled[name]
 
