@@ -15,10 +15,10 @@ from tqdm import tqdm
 from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS, LOSS_KINDS, report_losses, demo_midi_dir, sample_midi_dir
 
 # %% auto 0
-__all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'find_midi', 'piece_index', 'encode_file', 'write_shard', 'corpus_losses',
-           'write_meta', 'build_corpus', 'crop_window', 'crop_piece', 'transpose_ids', 'ShardDataset', 'cache_root',
-           'prepare_demo', 'demo_dataset', 'length_buckets', 'bucket_of', 'plan_rows', 'PackedBatchSampler', 'Collate',
-           'make_loader', 'DataConfig', 'data_parser', 'print_losses', 'main']
+__all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'MIN_ROW_LEN', 'find_midi', 'piece_index', 'encode_file', 'write_shard',
+           'corpus_losses', 'write_meta', 'build_corpus', 'crop_window', 'check_row_len', 'crop_piece', 'transpose_ids',
+           'ShardDataset', 'cache_root', 'prepare_demo', 'demo_dataset', 'length_buckets', 'bucket_of', 'plan_rows',
+           'PackedBatchSampler', 'Collate', 'make_loader', 'DataConfig', 'data_parser', 'print_losses', 'main']
 
 # %% ../nbs/01_data.ipynb
 FORMAT_VERSION = 3     # 3: manifests record each file's size, mtime and SHA-1; meta.json lists the build's shards; skipped.jsonl
@@ -193,13 +193,16 @@ def _split_draw(hashes: np.ndarray, seed: int) -> np.ndarray:
 def _split_valid(hashes: np.ndarray, seed: int, valid_frac: float) -> np.ndarray:
     """True for validation pieces: those whose draw (`_split_draw` read as a number in [0, 1)) is below `valid_frac`.
     With `valid_frac` > 0 and two or more distinct pieces, neither split is empty: if the draws pick no validation piece,
-    the piece with the smallest draw (and its copies) is validation; if they pick all, the largest goes to training."""
+    the piece with the smallest draw (and its copies) is validation; if they pick all, the largest goes to training.
+    One distinct piece (and its copies) is always training: nothing is left to hold out, and training needs a piece."""
     hashes = np.asarray(hashes, np.uint64)
     x = _split_draw(hashes, seed)                  # a bijection of the hash: distinct pieces, distinct draws
     valid = (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < valid_frac
-    if valid_frac > 0 and len(np.unique(hashes)) >= 2:
+    n_distinct = len(np.unique(hashes))
+    if valid_frac > 0 and n_distinct >= 2:
         if not valid.any(): valid = x == x.min()
         elif valid.all(): valid = x != x.max()
+    elif n_distinct < 2: valid[:] = False
     return valid
 
 def _shard_number(name: str) -> int | None:
@@ -237,7 +240,8 @@ def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05,
                shards: list[str] | None = None, files_per_shard: int | None = None) -> dict:
     """Summarize a build's shards under `root` into `meta.json` (counts per split, skipped files, losses), `skipped.jsonl`
     (one `{"file", "reason"}` per line) and `losses.jsonl`. `shards`: the build's shards that are present and up to date
-    (default: every shard folder); `complete` is True when none of `shard-00000` .. `expected_shards - 1` is missing;
+    (default: every shard folder); `complete` is True when none of `shard-00000` .. `expected_shards - 1` is missing and
+    the build holds a piece (a folder of files that all failed is not a corpus: `ShardDataset` refuses it by name);
     `digest` identifies the data by content (`_data_digest`): a moved copy keeps it, a build with other content has another.
     Returns the `meta.json` contents plus `skipped_files`, the `[file, reason]` of every skipped file."""
     root = Path(root)
@@ -257,7 +261,7 @@ def write_meta(root, tok: HIDTokenizer, seed: int = 0, valid_frac: float = 0.05,
     missing = [n for n in (f'shard-{j:05d}' for j in range(expected_shards or 0)) if n not in present]
     meta = dict(format=FORMAT_VERSION, tokenizer=tok.config.__dict__, vocab_size=tok.vocab_size, token_dtype='uint16',
                 src=str(src) if src else None, files_per_shard=files_per_shard, seed=seed, valid_frac=valid_frac, shards=names,
-                expected_shards=expected_shards, missing=missing, complete=not missing, digest=_data_digest(tok, seed, valid_frac, digests),
+                expected_shards=expected_shards, missing=missing, complete=not missing and bool(unique.any()), digest=_data_digest(tok, seed, valid_frac, digests),
                 files=n_files, skipped=len(skipped), duplicates=int((~unique).sum()), counts=counts, losses=corpus_losses(losses))
     tok.save_pretrained(root)
     _write_atomic(root/'skipped.jsonl', ''.join(json.dumps(dict(file=f, reason=r)) + '\n' for f, r in skipped))
@@ -273,7 +277,9 @@ def build_corpus(src, out, workers: int = 0, valid_frac: float = 0.05, seed: int
     """Tokenize every MIDI file under `src` into shards under `out` (resumable; this machine builds shards j with
     j % num_shards == shard_index). A shard is reused when its files have the recorded size and modification time
     (rsync's quick check; a moved time alone costs one read and a SHA-1); `checksum` reads every file and compares its
-    SHA-1, which also catches an edit of the same size whose time was set back (`touch -d`)."""
+    SHA-1, which also catches an edit of the same size whose time was set back (`touch -d`). Before the first shard of the
+    folder is removed or written, `meta.json` says the build is under way (`complete: false`, `building: true`): a build
+    killed half-way, a rebuild included, is refused by `ShardDataset` with the command that finishes it."""
     src, out = Path(src), Path(out)
     tok = tok or HIDTokenizer()
     if tok.vocab_size > 2**16: raise ValueError(f"vocabulary of {tok.vocab_size} does not fit uint16 shards")
@@ -290,15 +296,19 @@ def build_corpus(src, out, workers: int = 0, valid_frac: float = 0.05, seed: int
     mine = lambda j: j % num_shards == shard_index
     (out/'shards').mkdir(parents=True, exist_ok=True)
     run = dict(built=0, reused=0, removed=0, skipped=[])
-    for p in sorted((out/'shards').iterdir()):
-        j, tmp = _shard_number(p.name), '.tmp-' in p.name
-        if j is not None and (j >= len(chunks) or tmp and mine(j)):   # an earlier build's shard past our last, or our interrupted write
-            shutil.rmtree(p, ignore_errors=True); run['removed'] += not tmp
+    stale = [p for p in sorted((out/'shards').iterdir())                  # an earlier build's shard past our last, or our interrupted write
+             if (j := _shard_number(p.name)) is not None and (j >= len(chunks) or '.tmp-' in p.name and mine(j))]
     current, todo = set(), []
     for j, chunk in enumerate(chunks):
         plan = _plan_fingerprint(tok, [rels[i] for i in chunk])
         if _shard_is_current(out/'shards'/names[j], plan, [files[i] for i in chunk], mine(j), checksum): current.add(j); run['reused'] += mine(j)
         elif mine(j): todo.append((j, chunk, plan))
+    if stale or todo:                                                     # the folder is about to change: no longer the last build's
+        _write_atomic(out/'meta.json', json.dumps(dict(format=FORMAT_VERSION, src=str(src), files_per_shard=files_per_shard, seed=seed,
+                                                       valid_frac=valid_frac, complete=False, building=True, shards=[],
+                                                       expected_shards=len(chunks), missing=names), indent=1))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True); run['removed'] += '.tmp-' not in p.name
     pool = multiprocessing.get_context('fork').Pool(workers, _init_worker, (tok.config.__dict__,)) if workers > 0 and todo else None
     if pool is None: _init_worker(tok.config.__dict__)
     try:
@@ -334,8 +344,17 @@ def crop_window(seg_len: np.ndarray, budget: int, rng=None) -> tuple[int, int]:
     b0 = int(rng.integers(0, last_start + 1)) if rng is not None else 0
     return b0, int(reach[b0])
 
+MIN_ROW_LEN = 5    # the shortest crop: BOS, meter, tempo, the first track's header and SEP
+
+def check_row_len(max_seq_len, name: str = 'max_seq_len'):
+    "`ValueError` naming `name` for a row length below `MIN_ROW_LEN`, the shortest row a crop can make."
+    if max_seq_len < MIN_ROW_LEN:
+        raise ValueError(f"{name} {max_seq_len}: at least {MIN_ROW_LEN} tokens, the shortest row (BOS, meter, tempo, a track's header and SEP)")
+
 def crop_piece(tokens, seg_start, bar_ctrl, n_tracks: int, n_bars: int, max_seq_len: int, rng=None, return_source: bool = False):
-    "Ids (int64) of a piece cut to one bar window of every track within `max_seq_len`; with `return_source` also each token's position in the piece."
+    """Ids (int64) of a piece cut to one bar window of every track within `max_seq_len`; with `return_source` also each token's
+    position in the piece. `ValueError` for `max_seq_len` below `MIN_ROW_LEN` (5), the shortest row."""
+    check_row_len(max_seq_len)
     n = len(tokens)
     if n <= max_seq_len:
         ids = np.asarray(tokens, np.int64)
@@ -376,14 +395,20 @@ def transpose_ids(tok: HIDTokenizer, ids: np.ndarray, semitones: int, meta: dict
 # %% ../nbs/01_data.ipynb
 class ShardDataset(torch.utils.data.Dataset):
     """Pieces of a complete `build_corpus` folder through memory maps; `ds[i]` one piece, `ds[(seed, epoch, pieces)]` a packed row.
-    Raises `FileNotFoundError` without `meta.json` or with a listed shard gone, `ValueError` for another shard format or an
-    incomplete build (the message gives the command that finishes it)."""
+    Raises `FileNotFoundError` without `meta.json` or with a listed shard gone, `ValueError` for another shard format, an
+    incomplete build (a build killed or still running, shards of other machines missing: the message gives the command
+    that finishes it), a build with no piece or a `train` split with none (`no training piece in ...`), and a
+    `max_seq_len` below `MIN_ROW_LEN`."""
     def __init__(self, root, split: str = 'train', max_seq_len: int = 8192, transpose: int = 0, max_open_shards: int = 16):
         self.root = Path(root)
         if not (self.root/'meta.json').exists(): raise FileNotFoundError(f"{self.root}: no meta.json (make one with python -m meloformer.data SRC OUT)")
         self.meta = m = json.loads((self.root/'meta.json').read_text())
         if m['format'] != FORMAT_VERSION:
             raise ValueError(f"{self.root}: shard format {m['format']}, this version reads {FORMAT_VERSION}; rebuild it: {_build_command(m, self.root)}")
+        if m.get('building'):
+            raise ValueError(f"{self.root}: incomplete build, killed or still running (meta.json says building); "
+                             f"finish it with `{_build_command(m, self.root)}`")
+        if not m['complete'] and not m['missing']: raise ValueError(self._no_piece())
         if not m['complete']:
             gone = ', '.join(m['missing'][:3]) + (f" and {len(m['missing']) - 3} more" if len(m['missing']) > 3 else '')
             raise ValueError(f"{self.root}: incomplete build, {len(m['shards'])} of {m['expected_shards']} shards (missing {gone}); "
@@ -392,6 +417,7 @@ class ShardDataset(torch.utils.data.Dataset):
             if not (self.root/'shards'/n/'table.npy').exists():
                 raise FileNotFoundError(f"{self.root/'shards'/n}: listed in meta.json but missing; rebuild it with `{_build_command(m, self.root)}`")
         if split not in ('train', 'valid', 'all'): raise ValueError(f"split {split!r}: use 'train', 'valid' or 'all'")
+        check_row_len(max_seq_len)
         self.tok = HIDTokenizer.from_pretrained(self.root)
         self.split, self.max_seq_len, self.transpose, self.max_open_shards = split, max_seq_len, transpose, max_open_shards
         self.shard_names, self._digest = m['shards'], m.get('digest')
@@ -401,7 +427,15 @@ class ShardDataset(torch.utils.data.Dataset):
         sel = np.flatnonzero(keep)
         self._shard, self._table = shard[sel], table[sel]
         self.lengths = self._table[:, 1].copy()                          # whole-piece lengths in tokens
+        if split == 'train' and not len(sel): raise ValueError(self._no_piece(len(hashes)))
         self._open = OrderedDict()
+
+    def _no_piece(self, pieces: int = 0) -> str:
+        "Why the training split is empty: no file of the build could be tokenized, or (`pieces` > 0) every piece is validation."
+        m = self.meta
+        if pieces: return f"no training piece in {self.root}: its {pieces} pieces are all validation (valid_frac {m['valid_frac']})"
+        return (f"no training piece in {self.root}: its build read {m['files']} MIDI file(s) and tokenized none "
+                f"(reasons in {self.root/'skipped.jsonl'}); build it from a folder that holds readable MIDI")
 
     @property
     def digest(self) -> str:
@@ -644,7 +678,7 @@ def main(argv=None) -> int:
     print(f"{res['files']} files: {res['files'] - res['skipped']} tokenized, {res['skipped']} skipped, {res['duplicates']} duplicates; "
           f"shards {res['run']['built']} built, {res['run']['reused']} reused{removed}, {len(res['shards'])}/{res['expected_shards']} present -> {args.out}")
     print_losses(res['losses'])
-    if not res['complete']:
+    if not res['complete'] and res['missing']:
         print(f"incomplete: {len(res['missing'])} shard(s) missing ({', '.join(res['missing'][:3])}{' ...' if len(res['missing']) > 3 else ''}); "
               f"build them with the other --shard_index values, copy them in, then finish with `{_build_command(res, args.out)}`", file=sys.stderr)
     if n_pieces == 0: print("error: no file could be processed", file=sys.stderr); return 1

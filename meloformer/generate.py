@@ -18,7 +18,7 @@ from .grammar import PROGRAMS as _PROGRAMS      # the track names the CLI's --tr
 from .metrics import piano_roll
 
 # %% auto 0
-__all__ = ['forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track', 'GenerateConfig',
+__all__ = ['MAX_LEN', 'forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track', 'GenerateConfig',
            'generate_parser', 'main']
 
 # %% ../nbs/09_generate.ipynb
@@ -100,16 +100,36 @@ def sample_next(logits: torch.Tensor, allowed: torch.Tensor, temperature: float 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 # %% ../nbs/09_generate.ipynb
+MAX_LEN = 2**24    # the longest stream `generate` writes: past it float32 positions (the model's rope angles) are no longer exact
+
 def _check_sampling(num_samples, temperature, top_k, top_p, seed, max_len, max_bar_notes):
     "`ValueError` naming the first argument of `generate` outside its range (0.1 crashed later, or sampled nothing)."
-    if not is_int(seed): raise ValueError(f"generate: seed {seed!r}: an integer")
+    if not is_int(seed) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"generate: seed {seed!r}: an integer in -2**63..2**64-1 (the seeds torch.Generator takes)")
     for name, v, low, none_ok in (('num_samples', num_samples, 1, False), ('top_k', top_k, 0, False),
                                   ('max_len', max_len, 1, True), ('max_bar_notes', max_bar_notes, 1, True)):
         if (v is None and not none_ok) or (v is not None and (not is_int(v) or v < low)):
             raise ValueError(f"generate: {name} {v!r}: an integer >= {low}{' or None' if none_ok else ''}")
+    if max_len is not None and max_len > MAX_LEN:
+        raise ValueError(f"generate: max_len {max_len}: at most {MAX_LEN:,} (MAX_LEN, 2**24: past it float32 positions are not exact)")
     if not (isinstance(temperature, (int, float, np.number)) and 0 <= temperature < float('inf')):
         raise ValueError(f"generate: temperature {temperature!r}: 0 (greedy) or more")
     if not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1): raise ValueError(f"generate: top_p {top_p!r}: in (0, 1]")
+
+def _free_bytes(device) -> int | None:
+    "Memory free for a new buffer on `device`: CUDA's free memory, else Linux's `MemAvailable`; None where it is not known."
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open('/proc/meminfo') as f: return next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError): return None
+
+def _cache_bytes(model: MeloFormer, batch_size: int, max_len: int, max_segments: int) -> int:
+    "Bytes of the `DecodeCache` of these sizes: every layer's keys and values (2 S + L positions per row) and the int64 mask metadata."
+    cfg = model.cfg
+    S = max_segments + 1 if cfg.mask.summaries else 0
+    kv = cfg.n_layer * 2 * batch_size * (2 * S + max_len) * cfg.d_model * model.tok_emb.weight.element_size()
+    return kv + 8 * batch_size * (5 * max_len + 4 * S)
 
 @torch.no_grad()
 def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num_samples: int = 1, temperature: float = 1.0,
@@ -120,8 +140,9 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     in: the plan's header and prompt bars, `SEP`s, a track header, bar or `EOS` where nothing else may come), `sampled_tokens`
     (all samples: drawn from the model among several allowed), `seconds`, `prefill_s` and `tokens_per_s` (sampled tokens
     per second of the whole call). Raises `ValueError` naming the argument or plan field that is out of range
-    (`num_samples` >= 1, `max_len` >= 1, `temperature` >= 0, `top_k` >= 0, `top_p` in (0, 1], `max_bar_notes` >= 1,
-    `Plan.check`), and when `max_len` cannot hold the shortest piece of the plan."""
+    (`num_samples` >= 1, `max_len` in 1..`MAX_LEN`, `temperature` >= 0, `top_k` >= 0, `top_p` in (0, 1], `max_bar_notes` >= 1,
+    `seed` in -2**63..2**64-1, `Plan.check`), when `max_len` cannot hold the shortest piece of the plan, and when the decode
+    cache of `num_samples` rows of `max_len` tokens needs more memory than the device has free."""
     from tqdm.auto import tqdm
     _check_sampling(num_samples, temperature, top_k, top_p, seed, max_len, max_bar_notes)
     plan = plan or Plan()
@@ -130,6 +151,10 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     prefix = forced_prefix(grammar)
     n_tracks = len(plan.tracks) if plan.tracks is not None else grammar.max_tracks
     max_segments = n_tracks * plan.n_bars if plan.n_bars else max_len
+    need, free = _cache_bytes(model, num_samples, max_len, max_segments), _free_bytes(model.tok_emb.weight.device)
+    if free is not None and need > free:
+        raise ValueError(f"generate: max_len {max_len} with num_samples {num_samples}: the decode cache needs {need / 2**30:,.1f} GiB, "
+                         f"more than the {free / 2**30:,.1f} GiB free on {model.tok_emb.weight.device.type}; lower max_len or num_samples")
     dec = IncrementalDecoder(model, tok, num_samples, max_len, max_segments)
     states = [grammar.state() for _ in range(num_samples)]
     for st in states:

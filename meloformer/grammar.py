@@ -66,9 +66,52 @@ class Plan:
         if not is_int(self.prefix_len) or self.prefix_len < 0: raise ValueError(f"Plan.prefix_len {self.prefix_len!r}: 0 or more")
 
 # %% ../nbs/07_grammar.ipynb
+_BODY_NAMES = dict(chord='a bar token', ts='a meter', bpm='a tempo', tempo_at='a tempo change', onset='an onset', pitch='a pitch',
+                   dur='a duration', vel='a velocity')
+_IN_NOTE = dict(onset='pitch', pitch='dur', dur='vel', tempo_at='bpm')   # what must follow each of these
+_BAR, _METER, _TEMPO, _NOTES = range(4)   # how far a bar's opening has gone: `BarOpening`'s values (defined with the states below)
+
+def _check_prompt_order(plan: Plan, tok: HIDTokenizer):
+    """`ValueError` at the first prompt token that the grammar does not allow after the tokens before it, naming the track,
+    the position, the token and what may come there: the rules of a bar (as `GrammarState` applies them) walked over each
+    track's prompt in turn. Onsets are bounded by track 0's meter of the bar (from the plan's header and the prompt's `TS`
+    tokens); where track 0 leaves a bar's meter to sampling, or the model picks the header, by the longest meter (a prompt
+    is refused only where no stream can hold it). A prompt may end inside a note: sampling completes it."""
+    r, V = tok.ranges, tok.vocab
+    steps_of = {i: tok.config.bar_steps(*map(int, V[i][3:].split('/'))) for i in r['ts']}
+    longest = max(steps_of.values())
+    meters, head = [], steps_of[plan.header[1]] if plan.header is not None else longest   # grid steps of track 0's bars
+    at0, onset0 = r['tempo_at'].start, r['onset'].start
+    for k, t in enumerate(plan.tracks):
+        expect, bars, opening, last_at, last_onset, prev = 'first', 0, _BAR, 0, 0, 'SEP'
+        for j, i in enumerate(t.prompt):
+            if expect == 'first': windows = [('chord', r['chord'])]
+            elif expect != 'body': windows = [(expect, r[expect])]
+            else:
+                steps = (meters[-1] if k == 0 else meters[bars - 1] if bars <= len(meters) else longest)
+                windows = [('chord', r['chord'])]
+                if k == 0 and opening == _BAR: windows.append(('ts', r['ts']))
+                if k == 0 and opening < _TEMPO: windows.append(('bpm', r['bpm']))
+                if k == 0 and opening < _NOTES and last_at <= steps - 2: windows.append(('tempo_at', range(at0 + last_at, at0 + steps - 1)))
+                windows.append(('onset', range(onset0 + last_onset, onset0 + steps)))
+            kind = next((g for g, w in windows if i in w), None)
+            if kind is None:
+                what = ', '.join(_BODY_NAMES[g] + ('' if w == r[g] else f' {V[w.start]}..{V[w.stop - 1]}') for g, w in windows)
+                raise ValueError(f"Plan.tracks[{k}].prompt[{j}] {i} ({V[i]}): the grammar does not allow it after {prev}; it allows {what} there")
+            prev = V[i]
+            if kind == 'chord':
+                expect, bars, opening, last_at, last_onset = 'body', bars + 1, _BAR, 0, 0
+                if k == 0: meters.append(meters[-1] if meters else head)
+            elif kind == 'ts': opening, meters[-1] = _METER, steps_of[i]
+            elif kind == 'bpm': opening, expect = _TEMPO, 'body'
+            elif kind == 'tempo_at': last_at, expect = i - at0 + 1, 'bpm'
+            elif kind == 'onset': opening, last_onset, expect = _NOTES, i - onset0, 'pitch'
+            else: expect = _IN_NOTE.get(kind, 'body')
+
 @patch
 def check(self: Plan, tok: HIDTokenizer) -> Plan:
-    "`ValueError` naming the first field whose tokens `tok` cannot write where the plan puts them; else the plan."
+    """`ValueError` naming the first field whose tokens `tok` cannot write where the plan puts them, or the first prompt
+    token the grammar does not allow after the tokens before it (`_check_prompt_order`); else the plan."""
     r, cfg = tok.ranges, tok.config
     span = lambda g: f"{tok.vocab[r[g].start]}..{tok.vocab[r[g].stop - 1]}, ids {r[g].start}..{r[g].stop - 1}"
     if self.header is not None:
@@ -90,6 +133,8 @@ def check(self: Plan, tok: HIDTokenizer) -> Plan:
         if t.prompt and t.prompt[0] not in r['chord']: raise ValueError(f"Plan.tracks[{k}].prompt[0] {t.prompt[0]} ({tok.vocab[t.prompt[0]]}): a prompt starts with a bar (chord) token")
         bars = sum(i in r['chord'] for i in t.prompt)
         if self.n_bars is not None and bars > self.n_bars: raise ValueError(f"Plan.tracks[{k}].prompt: {bars} bars, more than Plan.n_bars {self.n_bars}")
+        if bars > cfg.max_bars: raise ValueError(f"Plan.tracks[{k}].prompt: {bars} bars, at most {cfg.max_bars} (the tokenizer's max_bars)")
+    _check_prompt_order(self, tok)
     return self
 
 # %% ../nbs/07_grammar.ipynb

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .model import batch_to, lm_loss
+from .data import check_row_len
 from .memory import status_mb
 
 
@@ -19,8 +20,8 @@ from .memory import status_mb
 __all__ = ['CKPT_PREFIX', 'CPU_DEFAULTS', 'CUDA_DEFAULTS', 'RUN_FIELDS', 'CADENCE_FIELDS', 'METRIC_FIELDS', 'RUN_FILES',
            'rng_state', 'set_rng_state', 'list_checkpoints', 'save_checkpoint', 'CheckpointError', 'load_checkpoint',
            'lr_lambda', 'MetricsLog', 'plot_losses', 'TrainConfig', 'resolve_config', 'run_settings', 'run_fingerprint',
-           'settings_diff', 'evaluate_loss', 'Dist', 'setup_distributed', 'steps_for_epochs', 'EpochRest', 'Trainer',
-           'train', 'train_parser', 'main']
+           'settings_diff', 'evaluate_loss', 'Dist', 'setup_distributed', 'phase_table', 'steps_for_epochs',
+           'EpochRest', 'Trainer', 'train', 'train_parser', 'main']
 
 # %% ../nbs/06_train.ipynb
 def rng_state() -> dict:
@@ -73,12 +74,13 @@ class CheckpointError(ValueError):
 
 def load_checkpoint(path) -> dict:
     "A checkpoint written by `save_checkpoint` (weights-only unpickling); `CheckpointError` naming the file when it cannot be read whole."
+    if os.path.isfile(path) and os.path.getsize(path) == 0: raise CheckpointError(f"{path}: unreadable checkpoint (empty file, 0 bytes)")
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
         state['rng']['python'] = _to_tuple(state['rng']['python'])
     except Exception as e:
         why = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:160]      # the first sentence of the reader's complaint
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}{': ' + why if why else ''})") from None
     return state
 
 # %% ../nbs/06_train.ipynb
@@ -227,12 +229,15 @@ CADENCE_FIELDS = ('max_steps', 'epochs', 'eval_every', 'eval_batches', 'save_eve
                   'attn_backend', 'device',
                   'data_dir')   # where the data lies may change (a moved copy); what it holds is defining: `data`, its digest
 
-def run_settings(cfg, schedule=None, world_size: int | None = None, data: str | None = None) -> dict:
+def run_settings(cfg, schedule=None, world_size: int | None = None, data: str | None = None, precision: str | None = None) -> dict:
     """The defining settings of a resolved config (`RUN_FIELDS`), as JSON values; `schedule` replaces the `--phases` spec by
     its table, less each phase's loader workers (a cadence setting); `world_size` (DDP ranks) is defining: it sets the
     global batch and the rows each rank reads; `data` is the training data's identity, its content digest
-    (`ShardDataset.digest`): not the folder's path, so a moved copy is the same data and a rebuild with other content is not."""
+    (`ShardDataset.digest`): not the folder's path, so a moved copy is the same data and a rebuild with other content is not;
+    `precision` is the one the run trains in (`fp32` or `bf16`: `--precision auto` resolved for the device), so that `auto`
+    and the precision it stands for on the device are the same run, and `auto` on another device may not be."""
     d = {k: getattr(cfg, k) for k in RUN_FIELDS}
+    if precision is not None: d['precision'] = precision
     if data is not None: d['data'] = data
     if schedule is not None: d['phases'] = [{k: v for k, v in row.items() if k != 'num_workers'} for row in json.loads(schedule.to_json())]
     if world_size is not None: d['world_size'] = world_size
@@ -282,6 +287,26 @@ def setup_distributed(device_kind: str) -> Dist:
     return d
 
 # %% ../nbs/06_train.ipynb
+def phase_table(cfg) -> 'PhaseSchedule':
+    """The phase table of `--phases` release | none | a JSON table (a string or a file), checked against the run's row length.
+    `ValueError` naming `--phases` for anything else (with the values it takes) or a table that is not valid JSON, and naming the
+    phase for a `max_seq_len` above the run's `--max_seq_len` (a phase may only shorten rows) or below the shortest row."""
+    from meloformer.phases import make_schedule
+    spec, kinds = cfg.phases, "release | none | auto | a JSON phase table | a JSON file"
+    table = spec.lstrip().startswith('[')
+    if spec not in ('release', 'none') and not table and not Path(spec).is_file():
+        raise ValueError(f"--phases {spec!r}: not one of {kinds} (no such file)")
+    try: sched = make_schedule(spec, cfg.batch_size, cfg.num_workers, cfg.gradient_accumulation_steps, cfg.constant_samples)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--phases {'the table' if table else spec}: not a JSON phase table ({e}); it takes {kinds}") from None
+    for p in sched.phases:
+        if p.max_seq_len is None: continue
+        if p.max_seq_len > cfg.max_seq_len:
+            raise ValueError(f"--phases: phase {p.name!r} max_seq_len {p.max_seq_len} is above the run's --max_seq_len {cfg.max_seq_len} "
+                             f"(a phase may only shorten rows): raise --max_seq_len or lower the phase's")
+        check_row_len(p.max_seq_len, f"--phases: phase {p.name!r} max_seq_len")
+    return sched
+
 def steps_for_epochs(schedule, rows_per_epoch: int, epochs: float, world_size: int = 1) -> int:
     "Smallest number of optimizer steps that consume `epochs` passes of `rows_per_epoch` rows."
     target, step = epochs * rows_per_epoch, 0
@@ -347,6 +372,7 @@ class Trainer:
         device, precision, self.backend = resolve_device(cfg.device, cfg.precision, cfg.attn_backend)
         cuda = device.type == 'cuda'
         self.cfg = cfg = resolve_config(cfg, cuda)
+        check_row_len(cfg.max_seq_len, '--max_seq_len')
         if cfg.report_to not in ('none', 'tensorboard'): raise ValueError(f"--report_to {cfg.report_to!r}: use none or tensorboard")
         if cfg.overwrite and cfg.resume: raise ValueError("--overwrite starts the run over; it cannot go with --resume")
         self.dist = setup_distributed(device.type)
@@ -375,7 +401,7 @@ class Trainer:
         self.step, self.epoch, self.position, self.bad_in_row, self.data_seen = 0, 0, 0, 0, []
         self.seg_len, self.pieces_seen, self._views = None, np.zeros(0, np.int64), {}   # the row length of this epoch's plan, pieces before it
         self.memory, self.phase_steps, self._memory_carry = MemoryTracker(self.device.type), 0, None
-        self.settings = run_settings(cfg, self.schedule, self.dist.world_size, self.train_ds.digest); self.fingerprint = run_fingerprint(self.settings)
+        self.settings = run_settings(cfg, self.schedule, self.dist.world_size, self.train_ds.digest, 'bf16' if bf16 else 'fp32'); self.fingerprint = run_fingerprint(self.settings)
         ckpt, state = self._claim_folder(cfg)
         self.metrics = MetricsLog(self.out/'metrics.csv', METRIC_FIELDS) if self.dist.main else None
         if ckpt is not None: self._load(ckpt, state)
@@ -392,9 +418,8 @@ class Trainer:
 
     def _schedule(self, cfg, bf16):
         "The phase table; with `--phases auto` the full-speed batch is the largest that fits this device's free memory."
-        from meloformer.phases import make_schedule, release_schedule
-        if cfg.phases != 'auto':
-            return make_schedule(cfg.phases, cfg.batch_size, cfg.num_workers, cfg.gradient_accumulation_steps, cfg.constant_samples)
+        from meloformer.phases import release_schedule
+        if cfg.phases != 'auto': return phase_table(cfg)
         from meloformer.memory import find_max_batch, default_budget_gb
         budget = default_budget_gb(self.device.type)
         from meloformer.data import length_buckets
@@ -409,7 +434,7 @@ class Trainer:
     # --- the run folder: one run per folder
     def _claim_folder(self, cfg) -> tuple[Path | None, dict | None]:
         "Decide (every rank, read-only) which run this is and the checkpoint to start from (and its state); then rank 0 writes `run.json`."
-        out, run = self.out, None
+        out, run, self._foreign = self.out, None, []
         if (out/'run.json').exists(): run = json.loads((out/'run.json').read_text())
         present = [n for n in RUN_FILES if (out/n).exists()] + [f"{len(list_checkpoints(out))} checkpoints"] * bool(list_checkpoints(out))
         ckpt, stale = None, []
@@ -428,7 +453,7 @@ class Trainer:
                     if cfg.resume != 'auto': raise FileNotFoundError(f"{folder}: no checkpoint to resume from")
                     if present: raise ValueError(f"{out}: holds files of a run with no run.json ({', '.join(present)}); start over with --overwrite")
                 if frun is not None: self._check_settings(frun['settings'], f"{folder}/run.json")
-                ckpt, st = self._newest_readable(folder, found, named=cfg.resume != 'auto')
+                ckpt, st = self._newest_readable(folder, found, named=cfg.resume != 'auto', run_id=frun['run_id'] if frun else None)
                 self.run_id = frun['run_id'] if frun else uuid.uuid4().hex[:12]
             else:
                 ckpt = Path(cfg.resume)
@@ -438,11 +463,12 @@ class Trainer:
                 if 'settings' in st: self._check_settings(st['settings'], str(ckpt))
                 self.run_id = st.get('run_id') or getattr(self, 'run_id', None) or uuid.uuid4().hex[:12]
             if run is not None and run['run_id'] != self.run_id:
-                raise ValueError(f"{out}: holds another run ({run['run_id']}); resume into an empty --out_dir, or start over there with --overwrite")
+                raise ValueError(f"{out}: holds run {run['run_id']}, and {ckpt or cfg.resume} is of run {self.run_id}; resume it into an "
+                                 f"empty --out_dir, or start over there with --overwrite")
             if run is None and present and ckpt is not None and ckpt.parent.resolve() != out.resolve():
                 raise ValueError(f"{out}: holds files of another run ({', '.join(present)}); resume into an empty --out_dir")
             step = st['step'] if ckpt is not None else 0
-            stale = [p for p in list_checkpoints(out, self.run_id) if int(_CKPT_NAME.fullmatch(p.name).group(1)) > step]
+            stale = [p for p in list_checkpoints(out, self.run_id) if int(_CKPT_NAME.fullmatch(p.name).group(1)) > step and p not in self._foreign]
         if self.dist.world_size > 1:
             import torch.distributed as dist
             dist.barrier()                                             # every rank has looked before rank 0 writes
@@ -453,7 +479,11 @@ class Trainer:
                     if (out/n).is_dir(): shutil.rmtree(out/n)
                     elif (out/n).exists(): (out/n).unlink()
                 print(f"{out}: --overwrite: removed the files of the run that was there", file=sys.stderr)
-            for p in stale: p.unlink()                                 # a future this resume replaces
+            if stale:                                                  # a future this resume replaces
+                later = ', '.join(str(int(_CKPT_NAME.fullmatch(p.name).group(1))) for p in stale)
+                print(f"{out}: removed {len(stale)} checkpoint(s) of this run after step {step} (step {later}), which this resume trains again",
+                      file=sys.stderr)
+            for p in stale: p.unlink()
             out.mkdir(parents=True, exist_ok=True)
             if run is None or run['run_id'] != self.run_id:
                 _write_json(out/'run.json', dict(run_id=self.run_id, fingerprint=self.fingerprint, settings=self.settings,
@@ -461,14 +491,20 @@ class Trainer:
         if self.dist.world_size > 1: dist.barrier()
         return ckpt, st if ckpt is not None else None
 
-    def _newest_readable(self, folder: Path, found: list[Path], named: bool = False) -> tuple[Path | None, dict | None]:
-        """The newest of the checkpoints `found` that reads whole, and its state; each unreadable one is skipped with a warning.
-        None readable: the run starts again from step 0 (saying so), or for a folder named by `--resume DIR` (`named`) a `CheckpointError`."""
+    def _newest_readable(self, folder: Path, found: list[Path], named: bool = False, run_id: str | None = None) -> tuple[Path | None, dict | None]:
+        """The newest of the checkpoints `found` that reads whole and (with `run_id`) is of that run, and its state; each unreadable
+        one, and each of another run under this run's name (copied or renamed in), is skipped with a warning that names it.
+        None left: the run starts again from step 0 (saying so), or for a folder named by `--resume DIR` (`named`) a `CheckpointError`."""
         for path in reversed(found):
-            try: return path, load_checkpoint(path)
+            try: st = load_checkpoint(path)
             except CheckpointError as e:
                 if self.dist.main: print(f"warning: {e}: skipped", file=sys.stderr)
-        if found and named: raise CheckpointError(f"{folder}: no readable checkpoint ({len(found)} unreadable)")
+                continue
+            if run_id is None or st.get('run_id') in (None, run_id): return path, st
+            self._foreign.append(path)
+            if self.dist.main: print(f"warning: {path}: a checkpoint of run {st['run_id']}, not of this folder's run {run_id} "
+                                     f"(copied or renamed in): skipped", file=sys.stderr)
+        if found and named: raise CheckpointError(f"{folder}: no readable checkpoint of its run ({len(found)} skipped)")
         if found and self.dist.main: print(f"warning: {folder}: no readable checkpoint of this run: it starts again from step 0", file=sys.stderr)
         return None, None
 
@@ -542,7 +578,7 @@ class Trainer:
                                            num_workers=phase.num_workers, pin_memory=self.device.type == 'cuda', persistent_workers=False)
 
     def _next_batch(self, phase):
-        while True:
+        for _ in range(2):                                          # a fresh epoch yields a batch unless its plan has no row
             try:
                 batch = next(self._it)
                 self.position = min(self.position + phase.batch_size * self.dist.world_size, self._plan_rows)
@@ -550,6 +586,7 @@ class Trainer:
             except StopIteration:                                   # epoch done: the next one, from its first row
                 self.epoch, self.position, self.pieces_seen = self.epoch + 1, 0, np.zeros(0, np.int64)
                 self._it = iter(self._loader(phase))
+        raise ValueError(f"no training piece in {getattr(self.train_ds, 'root', 'the corpus')}: an epoch planned no row")
 
     # --- one optimizer step
     def train_step(self, phase) -> dict:
