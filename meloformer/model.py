@@ -81,6 +81,7 @@ def resolve_device(device: str = 'auto', precision: str = 'auto', backend: str =
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try: dev = torch.device(device)
     except (RuntimeError, TypeError): raise ValueError(f"--device {device!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if dev.type not in ('cpu', 'cuda'): raise ValueError(f"--device {device!r}: MeloFormer runs on cpu, cuda or cuda:N, not {dev.type}")
     if check and dev.type == 'cuda':
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}"
