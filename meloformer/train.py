@@ -370,8 +370,6 @@ class Trainer:
         from meloformer.memory import MemoryTracker
         # --device cuda without CUDA is a ValueError; the backend: flex pads rows to its 128-token blocks, sdpa to the row length
         device, precision, self.backend = resolve_device(cfg.device, cfg.precision, cfg.attn_backend)
-        if self.backend == 'flex' and device.type == 'cpu':     # torch's flex attention has no backward on the CPU
-            raise ValueError("--attn_backend flex: FlexAttention has no backward pass on the CPU; train there with --attn_backend sdpa (or auto)")
         cuda = device.type == 'cuda'
         self.cfg = cfg = resolve_config(cfg, cuda)
         check_row_len(cfg.max_seq_len, '--max_seq_len')
@@ -706,6 +704,10 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> dict:
     "Train with `cfg`; returns the step count, the output folder, the run id and the first and last validation losses."
+    from meloformer.model import resolve_device
+    device, _, backend = resolve_device(cfg.device, cfg.precision, cfg.attn_backend)
+    if backend == 'flex' and device.type == 'cpu':        # torch's flex attention has no backward on the CPU: refuse before writing
+        raise ValueError("--attn_backend flex: FlexAttention has no backward pass on the CPU; train there with --attn_backend sdpa (or auto)")
     trainer = Trainer(cfg)
     try: return trainer.run()
     finally:
