@@ -433,13 +433,23 @@ def gpu_plan(nb_path: Path, skip_flags=('slow',)) -> dict:
     for i, s in gpu:
         b, f = bound_and_free(s)
         need |= f - later_gpu_defs; later_gpu_defs |= b
-    chosen, todo, missing = set(), list(need), set()
-    while todo:
-        name = todo.pop()
-        if name in defs:
-            key = defs[name]
-            if key not in chosen: chosen.add(key); todo += list(stmts[key][1])
-        elif not hasattr(builtins, name) and name in need: missing.add(name)
+    chosen, missing = set(), set()
+    def resolve(todo):
+        while todo:
+            name = todo.pop()
+            if name in defs:
+                key = defs[name]
+                if key not in chosen: chosen.add(key); todo += list(stmts[key][1])
+            elif not hasattr(builtins, name) and name in need: missing.add(name)
+    resolve(list(need))
+    # methods added with fastcore's `@patch` (`def forward(self: MeloFormer, ...)`) bind a name nothing reads: take each
+    # one whose class (or anything else it reads) a chosen statement defines
+    patches, grew = {k for k, (st, f) in stmts.items() if st.lstrip().startswith('@patch')}, True
+    while grew:
+        grew = False
+        for k in sorted(patches - chosen):
+            if any(latest_before[k].get(n) in chosen for n in stmts[k][1]):
+                chosen.add(k); grew = True; resolve(list(stmts[k][1]))
     # calls that act on what a gpu cell reads (a model saved to the folder it loads from): each name such a call reads
     # defined, at that point, by a chosen statement, and one of them, not a module, read by a gpu cell
     imported = {k for k, (st, f) in stmts.items() if isinstance(ast.parse(st).body[0], (ast.Import, ast.ImportFrom))}
