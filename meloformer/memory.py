@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_memory.ipynb 3
 from __future__ import annotations
-import argparse, csv, json, math, re, subprocess, sys, time
+import csv, json, math, re, subprocess, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 

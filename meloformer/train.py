@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb 3
 from __future__ import annotations
-import argparse, contextlib, copy, csv, hashlib, io, json, math, os, random, re, shutil, sys, time, uuid
+import contextlib, copy, csv, hashlib, io, json, math, os, random, re, shutil, sys, time, uuid
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
