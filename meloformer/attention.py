@@ -46,6 +46,7 @@ class MaskConfig:
 class MaskMeta:
     "Per-token and per-summary metadata of a batch, as tensors on the model's device."
     doc: torch.Tensor; track: torch.Tensor; bar: torch.Tensor; seg: torch.Tensor; kind: torch.Tensor   # (B, L)
+    fill: torch.Tensor                                                                                  # (B, L) 1: a fill token
     s_doc: torch.Tensor; s_track: torch.Tensor; s_bar: torch.Tensor; s_end: torch.Tensor               # (B, S)
     @property
     def L(self): return self.seg.shape[1]
@@ -75,7 +76,8 @@ def mask_meta(meta: dict, n_summaries: int | None = None, multiple: int = 64) ->
         return out.scatter_reduce(1, slot, values, 'amax', include_self=False)[:, :S]
     pos = torch.arange(L, device=seg.device).expand(B, L)
     s_end = per_slot(pos, L)                               # unused slots: end = L, never before anyone
-    return MaskMeta(doc=doc, track=meta['track'], bar=meta['bar'], seg=seg, kind=meta['kind'],
+    fill = meta['fill'] if 'fill' in meta else torch.zeros_like(meta['seg'])
+    return MaskMeta(doc=doc, track=meta['track'], bar=meta['bar'], seg=seg, kind=meta['kind'], fill=fill,
                     s_doc=per_slot(doc, -2), s_track=per_slot(meta['track'], -1), s_bar=per_slot(meta['bar'], -1),
                     s_end=s_end)
 
@@ -107,26 +109,33 @@ def _kinds_ok(m, kinds):
     table = _table(kinds, len(TokenKind), m.kind.device)
     return lambda b, k: table[m.kind[b, k]]
 
+def _bar_distance(m: MaskMeta, b, q, k):
+    "Bars from k back to q; for a fill token q (`fill` 1) the distance either way, so both sides of its gap count."
+    d = m.bar[b, q] - m.bar[b, k]
+    return torch.where(m.fill[b, q] > 0, d.abs(), d)
+
 def fine_bars(m: MaskMeta, offsets=(1, 2, 4, 8, 12, 16, 24, 32)):
-    "Same track, bar `offset` bars back, for `offset` in `offsets`."
+    "Same track, bar `offset` bars back (a fill token: back or ahead), for `offset` in `offsets`."
     table = _table(offsets, max(offsets, default=0) + 1, m.bar.device)
     def mask_mod(b, h, q, k):
-        return (m.track[b, q] == m.track[b, k]) & (m.bar[b, k] >= 0) & _in_table(table, m.bar[b, q] - m.bar[b, k])
+        return (m.track[b, q] == m.track[b, k]) & (m.bar[b, k] >= 0) & _in_table(table, _bar_distance(m, b, q, k))
     return mask_mod
 
 def earlier_tracks(m: MaskMeta, offsets=(0, 1, 2, 4), kinds=None):
-    "Earlier tracks' bars `offset` bars back (0: the same bar), optionally only some token kinds."
+    """Earlier tracks' bars `offset` bars back (0: the same bar), optionally only some token kinds. A fill token reads
+    every other track, earlier or later in stream order, at `offset` bars back or ahead."""
     table, kind_ok = _table(offsets, max(offsets, default=0) + 1, m.bar.device), _kinds_ok(m, kinds)
     def mask_mod(b, h, q, k):
-        return ((m.track[b, k] >= 0) & (m.track[b, k] < m.track[b, q]) & (m.bar[b, k] >= 0)
-                & _in_table(table, m.bar[b, q] - m.bar[b, k]) & kind_ok(b, k))
+        other = torch.where(m.fill[b, q] > 0, m.track[b, k] != m.track[b, q], m.track[b, k] < m.track[b, q])
+        return ((m.track[b, k] >= 0) & other & (m.bar[b, k] >= 0)
+                & _in_table(table, _bar_distance(m, b, q, k)) & kind_ok(b, k))
     return mask_mod
 
 def track_history(m: MaskMeta, kinds=None):
-    "Every earlier bar of the same track, optionally only some token kinds."
+    "Every earlier bar of the same track (a fill token: every other bar), optionally only some token kinds."
     kind_ok = _kinds_ok(m, kinds)
     def mask_mod(b, h, q, k):
-        return (m.track[b, q] == m.track[b, k]) & (m.bar[b, k] >= 0) & (m.bar[b, k] < m.bar[b, q]) & kind_ok(b, k)
+        return (m.track[b, q] == m.track[b, k]) & (m.bar[b, k] >= 0) & (_bar_distance(m, b, q, k) > 0) & kind_ok(b, k)
     return mask_mod
 
 # %% ../nbs/02_attention.ipynb

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS, LOSS_KINDS, report_losses, demo_midi_dir, sample_midi_dir
+from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS, TOKENIZER_FORMAT, LOSS_KINDS, report_losses, demo_midi_dir, sample_midi_dir
 
 # %% auto 0
 __all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'MIN_ROW_LEN', 'find_midi', 'piece_index', 'encode_file', 'write_shard',
@@ -76,8 +76,8 @@ def _shard_digest(folder: Path, manifest: dict | None = None) -> str:
     return man.get('digest') or _arrays_digest({n: np.load(folder/f'{n}.npy', mmap_mode='r') for n in _SHARD_ARRAYS})
 
 def _plan_fingerprint(tok: HIDTokenizer, rels: list[str]) -> str:
-    "What a shard is made from, its files' content aside: the format, the tokenizer config and the file names."
-    return _fingerprint(FORMAT_VERSION, tok.config, rels)
+    "What a shard is made from, its files' content aside: the formats (shard and tokenizer), the tokenizer config and the file names."
+    return _fingerprint(FORMAT_VERSION, TOKENIZER_FORMAT, tok.config, rels)
 
 def _stat(path) -> list[int] | None:
     "`[size in bytes, modification time in ns]` of a file; None if it cannot be stat'ed."
@@ -497,11 +497,12 @@ def _read_fingerprint(folder: Path):
     except (OSError, ValueError): return None
 
 def prepare_demo(cache_dir=None, progress: bool = False) -> Path:
-    "Shards of the embedded demo corpus, built on first use into `cache_dir` (default `cache_root()/'demo'`)."
-    target = Path(cache_dir) if cache_dir else cache_root()/'demo'
+    """Shards of the embedded demo corpus, built on first use into `cache_dir` (default `cache_root()/'demo-t<TOKENIZER_FORMAT>'`:
+    releases with another token format keep their own)."""
+    target = Path(cache_dir) if cache_dir else cache_root()/f'demo-t{TOKENIZER_FORMAT}'
     files = find_midi(demo_midi_dir())
     if not files: raise FileNotFoundError(f"{demo_midi_dir()}: the demo corpus is missing from this installation")
-    fp = _fingerprint(FORMAT_VERSION, TokenizerConfig().__dict__, [(f.name, _sha1_of(f)) for f in files])   # 349 files: ~10 ms
+    fp = _fingerprint(FORMAT_VERSION, TOKENIZER_FORMAT, TokenizerConfig().__dict__, [(f.name, _sha1_of(f)) for f in files])   # 349 files: ~10 ms
     if _read_fingerprint(target) == fp: return target
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     if tmp.exists(): shutil.rmtree(tmp)

@@ -35,7 +35,7 @@ _SIZES = dict(
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 1024                  # HIDTokenizer().vocab_size (tokenizer format 2)
+    vocab_size: int = 1026                  # HIDTokenizer().vocab_size (tokenizer format 3)
     n_layer: int = 8
     n_head: int = 6
     d_model: int = 384
@@ -340,7 +340,7 @@ class DecodeCache:
                                     device) for _ in range(cfg.n_layer)]
         full = lambda n, v: torch.full((batch_size, n), v, dtype=torch.long, device=device)
         self.meta = MaskMeta(doc=full(self.L, 0), track=full(self.L, -1), bar=full(self.L, -1), seg=full(self.L, -1),
-                             kind=full(self.L, TokenKind.SPECIAL), s_doc=full(self.S, 0), s_track=full(self.S, -1),
+                             kind=full(self.L, TokenKind.SPECIAL), fill=full(self.L, 0), s_doc=full(self.S, 0), s_track=full(self.S, -1),
                              s_bar=full(self.S, -1), s_end=full(self.S, self.L))
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.n_keys = max_len
@@ -357,7 +357,7 @@ class DecodeCache:
         fewer; None: none); return their masks, rows of the full model's (`cached_masks`), and their positions (T,)."""
         T, m = meta['seg'].shape[1], self.meta
         pos = self.length + torch.arange(T, device=self.length.device)
-        for k in ('track', 'bar', 'seg', 'kind'): getattr(m, k)[:, pos] = meta[k]
+        for k in ('track', 'bar', 'seg', 'kind', 'fill'): getattr(m, k)[:, pos] = meta[k] if k in meta else 0
         self.length += T
         if slots is not None:
             # the closing segments' last position, bar and track, from their tokens (the spare slot matches none)

@@ -219,7 +219,7 @@ QUALITIES = {'': (0, 4, 7), 'm': (0, 3, 7), 'dim': (0, 3, 6), 'aug': (0, 4, 8),
              '7': (0, 4, 7, 10), 'maj7': (0, 4, 7, 11), 'm7': (0, 3, 7, 10), 'sus4': (0, 5, 7)}
 PITCH_CLASSES = ('C', 'C#', 'D', 'Eb', 'E', 'F', 'F#', 'G', 'Ab', 'A', 'Bb', 'B')
 
-TOKENIZER_FORMAT = 2     # 2: drum kits, tempo changes inside bars, 192 tempo bins of 20-300 BPM (1: the 0.1 release)
+TOKENIZER_FORMAT = 3     # 3: FILL and FILL_START for infilling; 2: drum kits, tempo changes inside bars, 192 tempo bins of 20-300 BPM (1: the 0.1 release)
 
 @dataclass
 class TokenizerConfig:
@@ -258,6 +258,7 @@ def _build_vocab(cfg: TokenizerConfig) -> tuple[list[str], dict[str, range]]:
         'pitch':   [f'P{i}' for i in range(128)],
         'dur':     [f'L{i}' for i in range(1, cfg.max_duration_steps + 1)],
         'vel':     [f'V{i}' for i in range(cfg.n_velocity_bins)],
+        'fill':    ['FILL', 'FILL_START'],      # infilling (design/infill.md): last, so every other id keeps its value
     }
     vocab, ranges = [], {}
     for name, toks in groups.items():
@@ -704,6 +705,7 @@ def _decode(tok, ids) -> miditoolkit.MidiFile:
     cfg, r = tok.config, tok.ranges
     ids = _id_array(ids, tok.vocab_size)
     ids = ids[(ids >= 0) & (ids < tok.vocab_size)]
+    ids = tok.merge_fills(ids)                                          # an infill stream: each fill in its place
     eos = np.flatnonzero(ids == tok.eos_id)
     ids = ids[:eos[0]] if len(eos) else ids
     meta = tok.annotate(ids)
@@ -734,10 +736,10 @@ def _decode(tok, ids) -> miditoolkit.MidiFile:
     return midi
 
 # %% ../nbs/00_tokenizer.ipynb
-META_KEYS = ('track', 'bar', 'seg', 'kind', 'note', 'pos')
+META_KEYS = ('track', 'bar', 'seg', 'kind', 'note', 'pos', 'fill')
 
-def _annotate(tok, ids) -> dict[str, np.ndarray]:
-    ids = _id_array(ids, tok.vocab_size, 'annotate')
+def _annotate_piece(tok, ids: np.ndarray) -> dict[str, np.ndarray]:
+    "The metadata of a continuation stream (no `FILL_START`), `fill` not yet set."
     valid = (ids >= 0) & (ids < tok.vocab_size)
     safe = np.where(valid, ids, 0)
     kind = np.where(valid, tok._kind_of_id[safe], TokenKind.SPECIAL)
@@ -762,16 +764,56 @@ def _annotate(tok, ids) -> dict[str, np.ndarray]:
     return dict(track=track, bar=bar, seg=seg, kind=kind, note=note, pos=pos)
 
 # %% ../nbs/00_tokenizer.ipynb
+def _annotate_fills(tok, ids: np.ndarray, piece: dict, piece_ids: np.ndarray) -> dict[str, np.ndarray]:
+    "The metadata of the fills `ids` (from `FILL_START` on) after a piece `piece_ids` annotated as `piece`."
+    valid = (ids >= 0) & (ids < tok.vocab_size)
+    safe = np.where(valid, ids, 0)
+    kind = np.where(valid & (safe != tok.fill_id), tok._kind_of_id[safe], TokenKind.SPECIAL)   # a FILL here opens nothing
+    is_chord = kind == TokenKind.BAR
+    holder = np.flatnonzero((piece_ids == tok.fill_id) & (piece['track'] >= 0))              # the FILLs, in stream order
+    k = np.cumsum(is_chord) - 1                                                              # the fill each token is in
+    outside = (~valid | tok._is_bos_eos_pad[safe] | (kind == TokenKind.TRACK_HEADER) | (safe == tok.fill_id)
+               | (k < 0) | (k >= len(holder)))
+    at = holder[np.clip(k, 0, max(len(holder) - 1, 0))] if len(holder) else np.zeros(len(ids), np.int64)
+    track = np.where(outside, -1, piece['track'][at] if len(holder) else -1)
+    bar = np.where(outside, -1, piece['bar'][at] if len(holder) else -1)
+    seg_base = int(((piece['kind'] == TokenKind.BAR) & (piece['track'] >= 0)).sum())
+    note_base = int(((piece['kind'] == TokenKind.ONSET) & (piece['bar'] >= 0)).sum())
+    is_onset, is_note = kind == TokenKind.ONSET, (track >= 0) & (kind <= TokenKind.VELOCITY)
+    note = np.where(is_note, note_base + np.cumsum(is_onset & (track >= 0)) - 1, -1)
+    idx = np.arange(len(ids))
+    last_onset = np.maximum.accumulate(np.where(is_onset, idx, -1))
+    last_boundary = np.maximum.accumulate(np.where(is_chord | (idx == 0) | (valid & tok._is_program[safe]), idx, -1))
+    pos = np.where(is_note & (last_onset > last_boundary), (safe - tok.ranges['onset'][0])[np.maximum(last_onset, 0)], -1)
+    return dict(track=track, bar=bar, seg=np.where(track >= 0, seg_base + k, -1), kind=kind, note=note, pos=pos,
+                fill=np.ones(len(ids), np.int64))
+
+def _annotate(tok, ids) -> dict[str, np.ndarray]:
+    ids = _id_array(ids, tok.vocab_size, 'annotate')
+    start = np.flatnonzero(ids == tok.fill_start_id)
+    f = int(start[0]) if len(start) else len(ids)
+    piece = _annotate_piece(tok, ids[:f])
+    piece['fill'] = np.zeros(f, np.int64)
+    if f == len(ids): return piece
+    fills = _annotate_fills(tok, ids[f:], piece, ids[:f])
+    return {key: np.concatenate([piece[key], fills[key]]).astype(np.int64) for key in META_KEYS}
+
+# %% ../nbs/00_tokenizer.ipynb
 class AnnotationState:
     "Incremental `annotate`: feed one id at a time (generation); `step(id)` returns that token's metadata."
     def __init__(self, tok):
         self.tok = tok
         self.n_programs = self.n_chords = self.chords_at_program = self.n_segments = self.n_onsets = 0
         self.last_onset = -1
+        self.holders, self.fill = [], None        # (track, bar) of each FILL; the fill being written (None: in the piece)
     def step(self, i: int) -> dict[str, int]:
         tok = self.tok
         i = _one_id(i, tok.vocab_size, 'annotation_state().step')
         valid = 0 <= i < tok.vocab_size
+        if self.fill is not None: return self._step_fill(i, valid)
+        if i == tok.fill_start_id:
+            self.fill, self.seg_base, self.last_onset = -1, self.n_segments, -1
+            return dict(track=-1, bar=-1, seg=-1, kind=int(TokenKind.SPECIAL), note=-1, pos=-1, fill=1)
         kind = int(tok._kind_of_id[i]) if valid else TokenKind.SPECIAL
         is_prog = valid and bool(tok._is_program[i])
         if is_prog: self.n_programs += 1; self.chords_at_program = self.n_chords; self.last_onset = -1
@@ -784,8 +826,25 @@ class AnnotationState:
         if kind == TokenKind.ONSET:
             self.last_onset = i - tok.ranges['onset'][0]
             if in_bar: self.n_onsets += 1
+        if i == tok.fill_id and track >= 0: self.holders.append((track, bar))
         return dict(track=track, bar=bar, seg=self.n_segments - 1 if in_bar else -1, kind=kind,
-                    note=self.n_onsets - 1 if is_note else -1, pos=self.last_onset if is_note else -1)
+                    note=self.n_onsets - 1 if is_note else -1, pos=self.last_onset if is_note else -1, fill=0)
+
+    def _step_fill(self, i: int, valid: bool) -> dict[str, int]:
+        "`step` after `FILL_START`: the k-th bar token opens fill k, at the (track, bar) of the k-th FILL."
+        tok = self.tok
+        kind = int(tok._kind_of_id[i]) if valid and i != tok.fill_id else int(TokenKind.SPECIAL)
+        if kind == TokenKind.BAR: self.fill += 1; self.last_onset = -1
+        if valid and tok._is_program[i]: self.last_onset = -1
+        outside = (not valid or tok._is_bos_eos_pad[i] or kind == TokenKind.TRACK_HEADER or i == tok.fill_id
+                   or not 0 <= self.fill < len(self.holders))
+        track, bar = (-1, -1) if outside else self.holders[self.fill]
+        is_note = track >= 0 and kind <= TokenKind.VELOCITY
+        if kind == TokenKind.ONSET:
+            self.last_onset = i - tok.ranges['onset'][0]
+            if track >= 0: self.n_onsets += 1
+        return dict(track=track, bar=bar, seg=self.seg_base + self.fill if track >= 0 else -1, kind=kind,
+                    note=self.n_onsets - 1 if is_note else -1, pos=self.last_onset if is_note else -1, fill=1)
 
 # %% ../nbs/00_tokenizer.ipynb
 TOKENIZER_FILE = 'tokenizer.json'
@@ -841,7 +900,7 @@ def _from_pretrained(cls: TokenizerHubMixin, *, model_id: str, revision=None, ca
     version = data.get('format', 1)
     if version != TOKENIZER_FORMAT:
         raise ValueError(f"{model_id}: tokenizer format {version} (MeloFormer {'0.1' if version == 1 else 'other'}), this is "
-                         f"format {TOKENIZER_FORMAT} (drum kits, tempo inside bars, 192 tempo bins): re-tokenize the corpus "
+                         f"format {TOKENIZER_FORMAT} (FILL tokens for infilling; drum kits, tempo inside bars, 192 tempo bins): re-tokenize the corpus "
                          f"and retrain, or use the MeloFormer release that wrote it")
     tok = cls(TokenizerConfig(**data['config']))
     if tok.vocab != data['vocab']: raise ValueError(f"{model_id}: vocabulary does not match its config")
@@ -860,9 +919,10 @@ class HIDTokenizer(TokenizerHubMixin):
         for g, k in (('onset', TokenKind.ONSET), ('pitch', TokenKind.PITCH), ('dur', TokenKind.DURATION), ('vel', TokenKind.VELOCITY), ('chord', TokenKind.BAR), ('program', TokenKind.TRACK_HEADER)):
             kind[self.ranges[g].start:self.ranges[g].stop] = k
         kind[self.vocab_index['SEP']] = TokenKind.TRACK_HEADER
+        kind[self.vocab_index['FILL']] = TokenKind.BAR              # a placeholder opens its (track, bar) as a bar token does
         self._kind_of_id = kind
         self._is_program = np.zeros(self.vocab_size, bool); self._is_program[self.ranges['program'].start:self.ranges['program'].stop] = True
-        self._is_bos_eos_pad = np.isin(np.arange(self.vocab_size), [self.vocab_index[t] for t in ('PAD', 'BOS', 'EOS')])
+        self._is_bos_eos_pad = np.isin(np.arange(self.vocab_size), [self.vocab_index[t] for t in ('PAD', 'BOS', 'EOS', 'FILL_START')])
         self.drum_ids = np.array([self.ranges['program'][0], *self.ranges['program'][129:]])   # every drum track header
 
     @property
@@ -873,6 +933,10 @@ class HIDTokenizer(TokenizerHubMixin):
     def bos_id(self) -> int: return self.vocab_index['BOS']
     @property
     def eos_id(self) -> int: return self.vocab_index['EOS']
+    @property
+    def fill_id(self) -> int: return self.vocab_index['FILL']
+    @property
+    def fill_start_id(self) -> int: return self.vocab_index['FILL_START']
     def __repr__(self): return f"HIDTokenizer(vocab_size={self.vocab_size}, {self.config})"
 
 # %% ../nbs/00_tokenizer.ipynb
@@ -925,7 +989,7 @@ def decode(self: HIDTokenizer, ids) -> miditoolkit.MidiFile:
 
 @patch
 def annotate(self: HIDTokenizer, ids) -> dict[str, np.ndarray]:
-    """Per-token metadata (`track`, `bar`, `seg`, `kind`, `note`, `pos`) as int64 arrays, for one sequence (1-D) of integer ids;
+    """Per-token metadata (`track`, `bar`, `seg`, `kind`, `note`, `pos`, `fill`) as int64 arrays, for one sequence (1-D) of integer ids;
     an id outside the vocabulary is outside every track (-1), as PAD is. `ValueError` for a batch (2-D) or a non-integer."""
     return _annotate(self, ids)
 
@@ -939,6 +1003,67 @@ def tokens(self: HIDTokenizer, ids) -> list[str]:
     bad = np.flatnonzero((a < 0) | (a >= self.vocab_size))
     if len(bad): raise ValueError(f"tokens: id {a[bad[0]]} at position {bad[0]} is not in the vocabulary (0..{self.vocab_size - 1}, vocab_size {self.vocab_size})")
     return [self.vocab[i] for i in a.tolist()]
+
+# %% ../nbs/00_tokenizer.ipynb
+def _segment_of(tok, ids: np.ndarray, meta: dict) -> np.ndarray:
+    "Per token, the (track, bar) segment id `seg` for tokens inside a bar (bar token, controls, notes), else -1."
+    return np.where((meta['track'] >= 0) & (meta['bar'] >= 0), meta['seg'], -1)
+
+@patch
+def to_infill(self: HIDTokenizer, ids, segments) -> np.ndarray:
+    """The infill stream (int64) of a continuation stream `ids` with the segments `segments` (pairs (track, bar), 0-based)
+    to fill: each becomes `FILL` plus its control tokens, and its bar token and notes follow `FILL_START` in stream order,
+    then `EOS`. Length: `len(ids) + len(segments) + 1` (+1 more without a final `EOS`). `ValueError` for a stream that
+    already holds `FILL`/`FILL_START`, or a (track, bar) the stream does not have (named). Source: MMM (Ens & Pasquier, 2020)."""
+    ids = _id_array(ids, self.vocab_size, 'to_infill')
+    if np.isin(ids, [self.fill_id, self.fill_start_id]).any(): raise ValueError("to_infill: ids already hold FILL or FILL_START")
+    m = self.annotate(ids)
+    opens = np.flatnonzero((m['kind'] == TokenKind.BAR) & (m['track'] >= 0))
+    where = {(int(t), int(b)): int(p) for t, b, p in zip(m['track'][opens], m['bar'][opens], opens)}
+    chosen = []
+    for t, b in segments:
+        if (int(t), int(b)) not in where:
+            n_tracks = int(m['track'].max()) + 1
+            raise ValueError(f"to_infill: no segment (track {t}, bar {b}) in this stream ({n_tracks} tracks, bars 0..{int(m['bar'].max())})")
+        chosen.append(m['seg'][where[int(t), int(b)]])
+    moved = np.isin(_segment_of(self, ids, m), chosen) & ((m['kind'] <= TokenKind.VELOCITY) | (m['kind'] == TokenKind.BAR))
+    piece = ids.copy()
+    piece[[where[int(t), int(b)] for t, b in segments]] = self.fill_id
+    keep = ~moved | (piece == self.fill_id)
+    piece = piece[keep]
+    if len(piece) and piece[-1] == self.eos_id: piece = piece[:-1]
+    return np.r_[piece, self.fill_start_id, ids[moved], self.eos_id].astype(np.int64)
+
+@patch
+def merge_fills(self: HIDTokenizer, ids) -> np.ndarray:
+    """The continuation stream (int64, ending in `EOS`) of an infill stream: each fill's bar token in place of its `FILL`,
+    its notes after the segment's control tokens; a `FILL` without a fill becomes chord `N`, a fill's tokens other than
+    notes are dropped. `ids` without `FILL_START` come back unchanged. Ids must be in the vocabulary (`decode` filters)."""
+    ids = _id_array(ids, self.vocab_size, 'merge_fills')
+    start = np.flatnonzero(ids == self.fill_start_id)
+    if not len(start): return ids
+    f = int(start[0])
+    eos = np.flatnonzero(ids[f:] == self.eos_id)
+    ids = ids[:f + (int(eos[0]) if len(eos) else len(ids) - f)]
+    m = self.annotate(ids)
+    holder = np.flatnonzero((ids[:f] == self.fill_id) & (m['track'][:f] >= 0))
+    seg_base = int(((m['kind'][:f] == TokenKind.BAR) & (m['track'][:f] >= 0)).sum())
+    k = np.where(m['track'][f:] >= 0, m['seg'][f:] - seg_base, -1)                 # the fill of each token after FILL_START
+    fill_ids, fk, kind = ids[f:], k, m['kind'][f:]
+    piece = ids[:f].copy()
+    chord = np.full(len(holder), self.ranges['chord'][0])                         # `N` where no fill came
+    opens = (kind == TokenKind.BAR) & (fk >= 0)
+    chord[fk[opens]] = fill_ids[opens]
+    piece[holder] = chord
+    # each fill's notes go after the last token of its segment in the piece
+    seg_piece = _segment_of(self, ids[:f], {key: v[:f] for key, v in m.items()})
+    last = np.full(seg_piece.max() + 2 if len(seg_piece) else 1, -1)
+    np.maximum.at(last, seg_piece + 1, np.arange(f))
+    notes = (fk >= 0) & (kind <= TokenKind.VELOCITY)
+    at = last[m['seg'][holder][fk[notes]] + 1]
+    key = np.r_[2 * np.arange(f), 2 * at + 1]
+    out = np.r_[piece, fill_ids[notes]][np.argsort(key, kind='stable')]
+    return np.r_[out, self.eos_id].astype(np.int64)
 
 # %% ../nbs/00_tokenizer.ipynb
 LOSS_KINDS = {
