@@ -66,6 +66,36 @@ class Plan:
         if not is_int(self.prefix_len) or self.prefix_len < 0: raise ValueError(f"Plan.prefix_len {self.prefix_len!r}: 0 or more")
 
 # %% ../nbs/07_grammar.ipynb
+@patch
+def check(self: Plan, tok: HIDTokenizer) -> Plan:
+    """`ValueError` naming the first field whose tokens `tok` cannot write where the plan puts them, or the first prompt
+    token the grammar does not allow after the tokens before it (`_check_prompt_order`); else the plan."""
+    r, cfg = tok.ranges, tok.config
+    span = lambda g: f"{tok.vocab[r[g].start]}..{tok.vocab[r[g].stop - 1]}, ids {r[g].start}..{r[g].stop - 1}"
+    if self.header is not None:
+        for k, (want, what) in enumerate(((None, 'BOS'), ('ts', 'a meter'), ('bpm', 'a tempo'))):
+            i = self.header[k]
+            if (want is None and i != tok.bos_id) or (want is not None and i not in r[want]):
+                raise ValueError(f"Plan.header[{k}] {i}: {what} token ({'id ' + str(tok.bos_id) if want is None else span(want)})")
+    if self.n_bars is not None and self.n_bars > cfg.max_bars: raise ValueError(f"Plan.n_bars {self.n_bars}: at most {cfg.max_bars} (the tokenizer's max_bars)")
+    if self.tracks is None: return self
+    if len(self.tracks) > cfg.max_tracks: raise ValueError(f"Plan.tracks: {len(self.tracks)} tracks, at most {cfg.max_tracks} (the tokenizer's max_tracks)")
+    body = ('chord', 'ts', 'bpm', 'tempo_at', 'onset', 'pitch', 'dur', 'vel')   # what follows a track's SEP
+    for k, t in enumerate(self.tracks):
+        if t.program not in r['program']: raise ValueError(f"Plan.tracks[{k}].program {t.program}: a track header token ({span('program')})")
+        kinds = body if k == 0 else [g for g in body if g not in ('ts', 'bpm', 'tempo_at')]   # meter and tempo live in track 0
+        for j, i in enumerate(t.prompt):
+            if not any(i in r[g] for g in kinds):
+                name = tok.vocab[i] if 0 <= i < tok.vocab_size else f'outside the vocabulary of {tok.vocab_size}'
+                raise ValueError(f"Plan.tracks[{k}].prompt[{j}] {i} ({name}): not a token of {'track 0' if k == 0 else 'a track after the first'}'s bars ({', '.join(kinds)})")
+        if t.prompt and t.prompt[0] not in r['chord']: raise ValueError(f"Plan.tracks[{k}].prompt[0] {t.prompt[0]} ({tok.vocab[t.prompt[0]]}): a prompt starts with a bar (chord) token")
+        bars = sum(i in r['chord'] for i in t.prompt)
+        if self.n_bars is not None and bars > self.n_bars: raise ValueError(f"Plan.tracks[{k}].prompt: {bars} bars, more than Plan.n_bars {self.n_bars}")
+        if bars > cfg.max_bars: raise ValueError(f"Plan.tracks[{k}].prompt: {bars} bars, at most {cfg.max_bars} (the tokenizer's max_bars)")
+    _check_prompt_order(self, tok)
+    return self
+
+# %% ../nbs/07_grammar.ipynb
 _BODY_NAMES = dict(chord='a bar token', ts='a meter', bpm='a tempo', tempo_at='a tempo change', onset='an onset', pitch='a pitch',
                    dur='a duration', vel='a velocity')
 _IN_NOTE = dict(onset='pitch', pitch='dur', dur='vel', tempo_at='bpm')   # what must follow each of these
@@ -107,35 +137,6 @@ def _check_prompt_order(plan: Plan, tok: HIDTokenizer):
             elif kind == 'tempo_at': last_at, expect = i - at0 + 1, 'bpm'
             elif kind == 'onset': opening, last_onset, expect = _NOTES, i - onset0, 'pitch'
             else: expect = _IN_NOTE.get(kind, 'body')
-
-@patch
-def check(self: Plan, tok: HIDTokenizer) -> Plan:
-    """`ValueError` naming the first field whose tokens `tok` cannot write where the plan puts them, or the first prompt
-    token the grammar does not allow after the tokens before it (`_check_prompt_order`); else the plan."""
-    r, cfg = tok.ranges, tok.config
-    span = lambda g: f"{tok.vocab[r[g].start]}..{tok.vocab[r[g].stop - 1]}, ids {r[g].start}..{r[g].stop - 1}"
-    if self.header is not None:
-        for k, (want, what) in enumerate(((None, 'BOS'), ('ts', 'a meter'), ('bpm', 'a tempo'))):
-            i = self.header[k]
-            if (want is None and i != tok.bos_id) or (want is not None and i not in r[want]):
-                raise ValueError(f"Plan.header[{k}] {i}: {what} token ({'id ' + str(tok.bos_id) if want is None else span(want)})")
-    if self.n_bars is not None and self.n_bars > cfg.max_bars: raise ValueError(f"Plan.n_bars {self.n_bars}: at most {cfg.max_bars} (the tokenizer's max_bars)")
-    if self.tracks is None: return self
-    if len(self.tracks) > cfg.max_tracks: raise ValueError(f"Plan.tracks: {len(self.tracks)} tracks, at most {cfg.max_tracks} (the tokenizer's max_tracks)")
-    body = ('chord', 'ts', 'bpm', 'tempo_at', 'onset', 'pitch', 'dur', 'vel')   # what follows a track's SEP
-    for k, t in enumerate(self.tracks):
-        if t.program not in r['program']: raise ValueError(f"Plan.tracks[{k}].program {t.program}: a track header token ({span('program')})")
-        kinds = body if k == 0 else [g for g in body if g not in ('ts', 'bpm', 'tempo_at')]   # meter and tempo live in track 0
-        for j, i in enumerate(t.prompt):
-            if not any(i in r[g] for g in kinds):
-                name = tok.vocab[i] if 0 <= i < tok.vocab_size else f'outside the vocabulary of {tok.vocab_size}'
-                raise ValueError(f"Plan.tracks[{k}].prompt[{j}] {i} ({name}): not a token of {'track 0' if k == 0 else 'a track after the first'}'s bars ({', '.join(kinds)})")
-        if t.prompt and t.prompt[0] not in r['chord']: raise ValueError(f"Plan.tracks[{k}].prompt[0] {t.prompt[0]} ({tok.vocab[t.prompt[0]]}): a prompt starts with a bar (chord) token")
-        bars = sum(i in r['chord'] for i in t.prompt)
-        if self.n_bars is not None and bars > self.n_bars: raise ValueError(f"Plan.tracks[{k}].prompt: {bars} bars, more than Plan.n_bars {self.n_bars}")
-        if bars > cfg.max_bars: raise ValueError(f"Plan.tracks[{k}].prompt: {bars} bars, at most {cfg.max_bars} (the tokenizer's max_bars)")
-    _check_prompt_order(self, tok)
-    return self
 
 # %% ../nbs/07_grammar.ipynb
 class Grammar:
