@@ -50,17 +50,22 @@ class MemoryTracker:
         for pid in _child_pids(): _reset_hwm(pid)
         self._current = dict(phase=phase, t0=time.perf_counter())
 
-    def stop(self, steps: int | None = None) -> dict | None:
-        "Close the open row with this phase's peaks (MiB)."
+    def peek(self, steps: int | None = None) -> dict | None:
+        "The open row with this phase's peaks so far (MiB), as `stop` would close it now; the row stays open. None: no open row."
         if not self._current: return None
-        cur, self._current = self._current, None
+        cur = self._current
         row = dict(phase=cur['phase'], device=self.device, steps=steps, seconds=round(time.perf_counter() - cur['t0'], 2),
                    peak_rss_mb=round(status_mb(), 1), peak_rss_workers_mb=round(sum(status_mb(p) for p in _child_pids()), 1))
         if self.device.startswith('cuda'):
             torch.cuda.synchronize()
             row.update(peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1),
                        peak_reserved_mb=round(torch.cuda.max_memory_reserved() / 2**20, 1))
-        self.rows.append(row)
+        return row
+
+    def stop(self, steps: int | None = None) -> dict | None:
+        "Close the open row with this phase's peaks (MiB) and return it; None: no open row."
+        row = self.peek(steps)
+        if row is not None: self._current = None; self.rows.append(row)
         return row
 
     def peak_mb(self, row: dict) -> float:

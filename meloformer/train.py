@@ -533,10 +533,8 @@ def state(self: Trainer) -> dict:
 @patch
 def _memory_state(self: Trainer) -> dict:
     "The phases done (memory.csv rows) and the one in progress so far, for a resume to carry on."
-    cur, part = self.memory._current, None
-    if cur is not None and self.phase_steps:                   # read the open phase's peaks without closing it
-        part = self.memory.stop(steps=self.phase_steps); self.memory.rows.pop(); self.memory._current = cur
-        part = _merge_phase(part, self._memory_carry)
+    part = self.memory.peek(steps=self.phase_steps) if self.phase_steps else None     # the open phase's peaks, left open
+    if part is not None: part = _merge_phase(part, self._memory_carry)
     return dict(rows=list(self.memory.rows), partial=part)
 
 @patch
