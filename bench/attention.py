@@ -12,7 +12,8 @@ import argparse, os, tempfile
 from pathlib import Path
 import numpy as np
 import torch
-from meloformer.attention import MaskConfig, build_masks, attend, mask_stats
+from meloformer.attention import MaskConfig, build_masks, attend, mask_stats, plot_masks
+from meloformer.data import pack_pieces, pad_rows
 from meloformer.tokenizer import TokenKind
 from meloformer.tokenizer import HIDTokenizer, TokenizerConfig, sample_midi_dir, write_sample_midi
 from _common import machine, median_time
@@ -39,17 +40,8 @@ def md_table(rows: list[dict], floatfmt='{:.3f}') -> str:
 
 
 def to_batch(meta: dict, L: int) -> dict:
-    return {k: torch.tensor(v[:L], dtype=torch.long)[None] for k, v in meta.items()}
-
-
-def pack(metas: list[dict], L: int) -> dict:
-    "Several pieces in one row (doc ids, segment ids offset), cropped to L: how the data module packs."
-    parts, seg_off = [], 0
-    for d, m in enumerate(metas):
-        m = {**m, 'doc': np.full(len(m['seg']), d)}
-        m['seg'] = np.where(m['seg'] >= 0, m['seg'] + seg_off, -1); seg_off = m['seg'].max() + 1
-        parts.append(m)
-    return to_batch({k: np.concatenate([m[k] for m in parts]) for k in parts[0]}, L)
+    "One piece's (or packed row's) metadata as a batch of one, its first L tokens (never padded)."
+    return pad_rows([meta], min(L, len(meta['seg'])))
 
 
 def density_rows(inputs: dict, configs: dict) -> list[dict]:
@@ -87,18 +79,9 @@ def mask_picture(path: Path, midi: Path):
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     tok = HIDTokenizer(TokenizerConfig(max_bars=8))
-    m = tok.annotate(tok.encode(midi))
-    meta = to_batch(m, len(m['seg']))
-    fig, axs = plt.subplots(1, 3, figsize=(12, 4.2), dpi=60)
-    for ax, preset in zip(axs, ['museformer', 'meloformer', 'dense']):
-        ms = build_masks(meta, MaskConfig.from_preset(preset), 'sdpa')
-        ax.imshow(ms.update[0, 0].numpy(), cmap='Greys', interpolation='nearest', aspect='auto')
-        if ms.summarize is not None: ax.axvline(ms.meta.L - 0.5, color='red', lw=0.8)
-        for b in np.nonzero(np.diff(m['track']) != 0)[0]: ax.axhline(b + 0.5, color='tab:blue', lw=0.3)
-        ax.set_title(f'{preset}: {ms.update[0, 0].float().mean():.1%} of grid', fontsize=9)
-        ax.set_xticks([]); ax.set_yticks([])
-    fig.suptitle(f'{midi.stem}, first 8 bars of every track: stage-2 masks (summaries right of red)', fontsize=9)
-    plt.tight_layout(); plt.savefig(path, dpi=60); plt.close(fig)
+    fig = plot_masks(pad_rows([tok.annotate(tok.encode(midi))]), dpi=60,
+                     title=f'{midi.stem}, first 8 bars of every track: stage-2 masks (summaries right of red)')
+    fig.savefig(path, dpi=60); plt.close(fig)
 
 
 def main():
@@ -123,7 +106,7 @@ def main():
     inputs = {(8192, f'prefix of {n8} pieces (mean)'): [to_batch(pieces[k], 8192) for k in names8],
               (24576, f'{longest} prefix'): [to_batch(pieces[longest], 24576)]}
     if not args.quick:
-        inputs[(24576, packed)] = [pack([pieces[k] for k in pair], 24576)]
+        inputs[(24576, packed)] = [to_batch(pack_pieces([pieces[k] for k in pair]), 24576)]
 
     base = MaskConfig()
     configs = {'museformer': base, 'meloformer': MaskConfig.from_preset('meloformer'), 'dense causal': MaskConfig.from_preset('dense')}

@@ -7,7 +7,7 @@ __all__ = ['MaskConfig', 'MaskMeta', 'segment_slots', 'n_summary_slots', 'mask_m
            'same_segment', 'fine_bars', 'earlier_tracks', 'track_history', 'dense_mask', 'regular_mask',
            'summaries_before', 'summary_causal', 'own_segment', 'update_mask', 'summarize_mask', 'AttnMasks',
            'resolve_backend', 'build_masks', 'attend', 'apply_rope', 'SummaryAttention', 'mask_rows', 'KVCache',
-           'cached_masks', 'mask_stats']
+           'cached_masks', 'plot_masks', 'mask_stats']
 
 # %% ../nbs/02_attention.ipynb
 import math
@@ -336,6 +336,28 @@ def cached_masks(m: MaskMeta, cfg: MaskConfig, input_pos, slots=None, n_keys: in
     update = mask_rows(update_mask(m, cfg), input_pos.expand(B, -1), torch.cat([L + torch.arange(S, device=dev), positions]))
     summarize = None if slots is None else mask_rows(summarize_mask(m), slots, torch.cat([torch.arange(S, device=dev), S + positions]))
     return AttnMasks('sdpa', m, update, summarize)
+
+# %% ../nbs/02_attention.ipynb
+def plot_masks(meta: dict, presets=('museformer', 'meloformer', 'dense'), title: str | None = None, figsize=(12, 4.2), dpi: int = 70):
+    """The stage-2 (update) mask of row 0 of `meta` under each of `presets` (`MaskConfig.from_preset` names), side by
+    side, as `build_masks` makes it on the sdpa backend: a dark cell where a query token (row, 0..L-1) reads a key
+    (column: the L regular tokens, then the S summary slots right of the red line when the preset has summaries);
+    thin blue lines where the track changes; each title gives the attended share of the (L, L+S) grid. `meta`: dict
+    of int64 tensors (B, L) with `track`, `bar`, `seg`, `kind` (optionally `doc`), as `meloformer.data.pad_rows`
+    makes; `title` goes above the panels. Returns the matplotlib `Figure` (open: show, save or close it)."""
+    import matplotlib.pyplot as plt                        # only for pictures: the package import stays light
+    fig, axs = plt.subplots(1, len(presets), figsize=figsize, dpi=dpi, squeeze=False)
+    track = meta['track'][0].cpu().numpy()
+    for ax, preset in zip(axs[0], presets):
+        ms = build_masks(meta, MaskConfig.from_preset(preset), 'sdpa')
+        update = ms.update[0, 0].cpu()                     # (L, L + S)
+        ax.imshow(update.numpy(), cmap='Greys', interpolation='nearest', aspect='auto')
+        if ms.summarize is not None: ax.axvline(ms.meta.L - 0.5, color='red', lw=0.8)
+        for b in np.nonzero(np.diff(track) != 0)[0]: ax.axhline(b + 0.5, color='tab:blue', lw=0.3)
+        ax.set_title(f'{preset}: {update.float().mean():.1%} of grid', fontsize=9); ax.set_xticks([]); ax.set_yticks([])
+    if title: fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/02_attention.ipynb
 def mask_stats(meta: dict, cfg: MaskConfig = MaskConfig(), block_sizes=(128, 64), chunk: int = 1024) -> dict:

@@ -18,8 +18,9 @@ from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, 
 # %% auto 0
 __all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'MIN_ROW_LEN', 'find_midi', 'piece_index', 'encode_file', 'write_shard',
            'corpus_losses', 'write_meta', 'build_corpus', 'crop_window', 'check_row_len', 'crop_piece', 'transpose_ids',
-           'ShardDataset', 'cache_root', 'prepare_demo', 'demo_dataset', 'length_buckets', 'bucket_of', 'plan_rows',
-           'PackedBatchSampler', 'Collate', 'make_loader', 'DataConfig', 'data_parser', 'print_losses', 'main']
+           'pack_pieces', 'pad_rows', 'ShardDataset', 'cache_root', 'prepare_demo', 'demo_dataset', 'length_buckets',
+           'bucket_of', 'plan_rows', 'PackedBatchSampler', 'Collate', 'make_loader', 'DataConfig', 'data_parser',
+           'print_losses', 'main']
 
 # %% ../nbs/01_data.ipynb
 FORMAT_VERSION = 3     # 3: manifests record each file's size, mtime and SHA-1; meta.json lists the build's shards; skipped.jsonl
@@ -405,6 +406,43 @@ def transpose_ids(tok: HIDTokenizer, ids: np.ndarray, semitones: int, meta: dict
     return out, shift
 
 # %% ../nbs/01_data.ipynb
+def pack_pieces(pieces: list[dict]) -> dict[str, np.ndarray]:
+    """One row from `pieces` (dicts of equal-length 1-D integer arrays with the same keys, `seg` among them: the
+    `META_KEYS` of `HIDTokenizer.annotate`, optionally `ids` and `labels`), concatenated in order into int64 arrays
+    of the summed length, plus `doc` (the piece's number 0, 1, ...). `seg` and `note` of each piece are offset past
+    the previous pieces' largest (-1, outside any segment or note, stays -1). `ValueError` for no pieces or pieces
+    whose keys differ."""
+    if not pieces: raise ValueError("pack_pieces: no pieces to pack")
+    keys, parts, base = list(pieces[0]), [], {'seg': 0, 'note': 0}
+    for d, p in enumerate(pieces):
+        if list(p) != keys: raise ValueError(f"pack_pieces: piece {d} has keys {list(p)}, piece 0 has {keys}")
+        part = {k: np.asarray(v, np.int64) for k, v in p.items() if k != 'doc'}
+        for k in base.keys() & part.keys():
+            part[k] = np.where(part[k] >= 0, part[k] + base[k], -1)
+            base[k] = max(base[k], int(part[k].max(initial=-1)) + 1)
+        parts.append(dict(part, doc=np.full(len(part['seg']), d, np.int64)))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+def pad_rows(rows: list[dict], length: int | None = None, pad_id: int | None = None) -> dict[str, torch.Tensor]:
+    """`rows` (dicts of 1-D arrays, as `pack_pieces` or `annotate` make) padded on the right, or cut, to `length`
+    tokens (default: the longest row) and stacked into int64 tensors `(len(rows), length)`, one per key of the first
+    row, and `doc`. Fills: `ids` `pad_id`, `labels` -100, `doc` and every other key -1; a row without `doc` is one
+    document (doc 0). `ValueError` for no rows, or rows with `ids` and no `pad_id`."""
+    if not rows: raise ValueError("pad_rows: no rows")
+    keys = list(dict.fromkeys([*rows[0], 'doc']))
+    if 'ids' in keys and pad_id is None: raise ValueError("pad_rows: the rows hold ids; give pad_id (the tokenizer's pad_id)")
+    length = max(len(r['seg']) for r in rows) if length is None else length
+    fills = {'ids': pad_id, 'labels': -100}
+    batch = {}
+    for key in keys:
+        a = np.full((len(rows), length), fills.get(key, -1), np.int64)
+        for i, r in enumerate(rows):
+            v = r[key] if key in r else np.zeros(len(r['seg']), np.int64)
+            a[i, :len(v)] = v[:length]
+        batch[key] = torch.from_numpy(a)
+    return batch
+
+# %% ../nbs/01_data.ipynb
 class ShardDataset(torch.utils.data.Dataset):
     """Pieces of a complete `build_corpus` folder through memory maps; `ds[i]` one piece, `ds[(seed, epoch, pieces)]` a packed row.
     Raises `FileNotFoundError` without `meta.json` or with a listed shard gone, `ValueError` for another shard format, an
@@ -487,19 +525,16 @@ def crop(self: ShardDataset, i: int, rng=None, max_seq_len: int | None = None, r
 @patch
 def row(self: ShardDataset, pieces, seed: int | None = None, epoch: int = 0) -> dict[str, np.ndarray]:
     "Pieces cropped and packed into one row: ids, labels, doc and the metadata (seg and note offset per document)."
-    parts, seg_base, note_base = [], 0, 0
-    for d, p in enumerate(pieces):
+    parts = []
+    for p in pieces:
         rng = None if seed is None else np.random.default_rng([seed, epoch, int(p)])
         ids = self.crop(int(p), rng)
         m = self.tok.annotate(ids)
         if self.transpose and rng is not None:
             ids, _ = transpose_ids(self.tok, ids, int(rng.integers(-self.transpose, self.transpose + 1)), m)
         labels = np.r_[ids[1:], -100]                    # the last token of a document predicts nothing
-        for key, base in (('seg', seg_base), ('note', note_base)):
-            m[key] = np.where(m[key] >= 0, m[key] + base, -1)
-        seg_base, note_base = max(seg_base, m['seg'].max() + 1), max(note_base, m['note'].max() + 1)
-        parts.append(dict(ids=ids, labels=labels, doc=np.full(len(ids), d), **m))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        parts.append(dict(ids=ids, labels=labels, **m))
+    return pack_pieces(parts)
 
 @patch
 def __getitem__(self: ShardDataset, key):
@@ -630,13 +665,7 @@ class Collate:
     def __init__(self, pad_id: int, max_seq_len: int, multiple: int = 128, exact: bool = False):
         self.pad_id, self.buckets = pad_id, length_buckets(max_seq_len, multiple, exact)
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        length = bucket_of(max(len(r['ids']) for r in rows), self.buckets)
-        batch = {}
-        for key, fill in (('ids', self.pad_id), ('labels', -100), ('doc', -1), *((k, -1) for k in META_KEYS)):
-            a = np.full((len(rows), length), fill, np.int64)
-            for i, r in enumerate(rows): a[i, :len(r[key])] = r[key]
-            batch[key] = torch.from_numpy(a)
-        return batch
+        return pad_rows(rows, bucket_of(max(len(r['ids']) for r in rows), self.buckets), self.pad_id)
 
 def make_loader(ds: ShardDataset, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0, num_workers: int = 0,
                 rank: int = 0, world_size: int = 1, pack: bool = True, drop_last: bool = False, **loader_kwargs) -> torch.utils.data.DataLoader:
