@@ -13,13 +13,14 @@ import torch
 from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS
 from .model import MeloFormer, DecodeCache, load_pretrained
 from .grammar import Plan, Grammar, default_max_len, forced_prefix, is_int, plan_from_midi, plan_from_scratch
+from .grammar import track_token, _track_order, _split_tracks
 from .grammar import PROGRAMS as _PROGRAMS      # the track names the CLI's --tracks help lists
 
 from .metrics import piano_roll
 
 # %% auto 0
-__all__ = ['MAX_LEN', 'forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track', 'GenerateConfig',
-           'generate_parser', 'main']
+__all__ = ['MAX_LEN', 'forward_cached', 'IncrementalDecoder', 'sample_next', 'add_track', 'generate', 'bars_per_track',
+           'GenerateConfig', 'generate_parser', 'main']
 
 # %% ../nbs/09_generate.ipynb
 @torch.no_grad()
@@ -133,10 +134,53 @@ def _cache_bytes(model: MeloFormer, batch_size: int, max_len: int, max_segments:
     return kv + 8 * batch_size * (5 * max_len + 4 * S)
 
 # %% ../nbs/09_generate.ipynb
+def _infill_setup(model: MeloFormer, tok: HIDTokenizer, infill, max_len, max_bar_notes) -> tuple:
+    """(grammar, prompt ids up to `FILL_START`, token budget, summary slots) of `generate(..., infill=(ids, segments))`.
+    `ValueError`: a model trained without infilling, a malformed `infill`, no segments, a segment the stream lacks, a
+    prompt outside the grammar or longer than `max_len`."""
+    if not (getattr(model.cfg, 'infill_rate', 0.0) or 0.0) > 0:
+        raise ValueError("generate: the model was trained without infilling (infill_rate 0): retrain with --infill_rate")
+    try: ids, segments = infill; segments = sorted({(int(t), int(b)) for t, b in segments})
+    except (TypeError, ValueError): raise ValueError(f"generate: infill {infill!r}: a pair (prompt ids, [(track, bar), ...])") from None
+    if not segments: raise ValueError("generate: infill: no segments to fill")
+    x = tok.to_infill(ids, segments)
+    prefix = x[:int(np.flatnonzero(x == tok.fill_start_id)[0]) + 1].tolist()
+    max_len = max_len or len(prefix) + len(segments) * (1 + 4 * (max_bar_notes or 32)) + 1
+    if max_len < len(prefix) + len(segments) + 1:
+        raise ValueError(f"generate: max_len {max_len}: the infill prompt has {len(prefix)} tokens, {len(segments)} fills follow")
+    grammar = Grammar(tok, Plan(), max_len, max_bar_notes=max_bar_notes, infill=True)
+    st = Grammar(tok, Plan(), max_len, infill=True).state()         # the prompt's bars may hold more than max_bar_notes
+    for k, i in enumerate(prefix):
+        if not st.allowed()[i]: raise ValueError(f"generate: infill: the prompt leaves the grammar at token {k} ({tok.vocab[i]})")
+        st.step(i)
+    return grammar, prefix, max_len, int(tok.annotate(prefix)['seg'].max()) + len(segments) + 2
+
+def add_track(tok: HIDTokenizer, ids, spec, segments=()) -> tuple[np.ndarray, list]:
+    """(stream, segments) to write a new track `spec` (as `track_token` takes it) for the piece `ids`: its header, `SEP` and
+    one empty bar (chord `N`) per bar, at the place the tokenizer's track order (drums, bass, harmony, melody) gives it;
+    the segments are `segments` ((track, bar) of `ids`, tracks after the new one shifted) plus every bar of the new track.
+    A new track 0 takes over the meter and tempo tokens of the old one. `ValueError` past the tokenizer's `max_tracks`."""
+    head, tracks = _split_tracks(tok, ids)
+    if len(tracks) + 1 > tok.config.max_tracks: raise ValueError(f"add_track {spec!r}: the piece has {len(tracks)} tracks, at most {tok.config.max_tracks}")
+    h = track_token(tok, spec)
+    at = sum(_track_order(tok, t) <= _track_order(tok, h) for t, _ in tracks)
+    chord, control = tok.ranges['chord'], {*tok.ranges['ts'], *tok.ranges['bpm'], *tok.ranges['tempo_at']}
+    body0 = tracks[0][1]
+    n_bars = sum(i in chord for i in body0)
+    new = [tok.vocab_index['N']] * n_bars
+    if at == 0:                                           # meter and tempo live in track 0: they move to the new one
+        new = [tok.vocab_index['N'] if i in chord else i for i in body0 if i in chord or i in control]
+        tracks[0] = (tracks[0][0], [i for i in body0 if i not in control])
+    tracks.insert(at, (h, new))
+    out = list(head) + [i for t, body in tracks for i in (t, tok.vocab_index['SEP'], *body)] + [tok.eos_id]
+    segs = [(int(t) + (int(t) >= at), int(b)) for t, b in segments] + [(at, b) for b in range(n_bars)]
+    return np.array(out, np.int64), segs
+
+# %% ../nbs/09_generate.ipynb
 @torch.no_grad()
 def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num_samples: int = 1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, max_len: int | None = None, max_bar_notes: int | None = 32,
-             progress: bool = False) -> tuple[list, dict]:
+             progress: bool = False, infill=None) -> tuple[list, dict]:
     """Sample `num_samples` id streams that follow the grammar and `plan`, with cached decoding: (list of int64 arrays, stats).
     Stats: `prefix_tokens` (per sample, fed as one chunk), `fixed_tokens` (all samples: tokens the grammar left no choice
     in: the plan's header and prompt bars, `SEP`s, a track header, bar or `EOS` where nothing else may come), `sampled_tokens`
@@ -144,15 +188,22 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     per second of the whole call). Raises `ValueError` naming the argument or plan field that is out of range
     (`num_samples` >= 1, `max_len` in 1..`MAX_LEN`, `temperature` >= 0, `top_k` >= 0, `top_p` in (0, 1], `max_bar_notes` >= 1,
     `seed` in -2**63..2**64-1, `Plan.check`), when `max_len` cannot hold the shortest piece of the plan, and when the decode
-    cache of `num_samples` rows of `max_len` tokens needs more memory than the device has free."""
+    cache of `num_samples` rows of `max_len` tokens needs more memory than the device has free. `infill=(ids, segments)`:
+    regenerate the (track, bar) segments (0-based) of the continuation stream ids with the rest of the piece on both sides
+    (`_infill_setup`; no plan then): the streams returned are continuation streams (`tok.merge_fills`), the prompt's
+    other tokens kept."""
     from tqdm.auto import tqdm
     _check_sampling(num_samples, temperature, top_k, top_p, seed, max_len, max_bar_notes)
-    plan = plan or Plan()
-    max_len = max_len or default_max_len(plan, tok, max_bar_notes or 32)
-    grammar = Grammar(tok, plan, max_len, max_bar_notes=max_bar_notes)
-    prefix = forced_prefix(grammar)
-    n_tracks = len(plan.tracks) if plan.tracks is not None else grammar.max_tracks
-    max_segments = n_tracks * plan.n_bars if plan.n_bars else max_len
+    if infill is not None:
+        if plan is not None: raise ValueError("generate: a plan or infill, not both (an infill's prompt is its plan)")
+        grammar, prefix, max_len, max_segments = _infill_setup(model, tok, infill, max_len, max_bar_notes)
+    else:
+        plan = plan or Plan()
+        max_len = max_len or default_max_len(plan, tok, max_bar_notes or 32)
+        grammar = Grammar(tok, plan, max_len, max_bar_notes=max_bar_notes)
+        prefix = forced_prefix(grammar)
+        n_tracks = len(plan.tracks) if plan.tracks is not None else grammar.max_tracks
+        max_segments = n_tracks * plan.n_bars if plan.n_bars else max_len
     need, free = _cache_bytes(model, num_samples, max_len, max_segments), _free_bytes(model.tok_emb.weight.device)
     if free is not None and need > free:
         raise ValueError(f"generate: max_len {max_len} with num_samples {num_samples}: the decode cache needs {need / 2**30:,.1f} GiB, "
@@ -180,7 +231,9 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     bar.close()
     seconds = time.perf_counter() - t0
     n_sampled = int(sampled.sum())
-    return [np.array(o, np.int64) for o in out], dict(
+    streams = [np.array(o, np.int64) for o in out]
+    if infill is not None: streams = [tok.merge_fills(x) for x in streams]
+    return streams, dict(
         prefix_tokens=len(prefix), fixed_tokens=sum(map(len, out)) - n_sampled, sampled_tokens=n_sampled,
         seconds=seconds, prefill_s=t_prefill, tokens_per_s=n_sampled / max(seconds, 1e-9))
 
