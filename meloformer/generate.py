@@ -271,12 +271,26 @@ class GenerateConfig:
     device: str = 'auto';                   "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N; a device this machine lacks is an error"
     threads: int = 1;                       "CPU threads (a decoding step is many tiny products: one thread is fastest)"
     progress: bool = True;                  "show a progress bar"
+    infill_bars: str | None = None;         "bars of the prompt to regenerate, counted from 1, inclusive: 5-8 or 5 (all tracks without --infill_tracks)"
+    infill_tracks: list[str] | None = None; ("tracks of the prompt to regenerate (all bars without --infill_bars): 0-based indices in its stream "
+                                             "order or names as --tracks takes (a name selects every track of that instrument); 1,bass or 1 bass")
+    add_track: list[str] | None = None;     "tracks to write for the prompt over all its bars, named as --tracks takes"
 
 # %% ../nbs/09_generate.ipynb
 def generate_parser() -> ConfigParser:
     "The command line of `python -m meloformer.generate`: a flag per `GenerateConfig` field, `--config`, `--print_config`."
     return ConfigParser(GenerateConfig, prog='python -m meloformer.generate',
                         description="Sample MIDI from a trained MeloFormer: from scratch or continuing a MIDI file.")
+
+def _infill_rate(model: MeloFormer, checkpoint) -> float:
+    "The model's `cfg.infill_rate`, else its checkpoint's config.json's (a config that predates the field), else 0."
+    rate = getattr(model.cfg, 'infill_rate', None)
+    if rate is None:
+        import json
+        from meloformer.model import checkpoint_dir
+        try: rate = json.loads((checkpoint_dir(checkpoint) / 'config.json').read_text()).get('infill_rate', 0.0)
+        except (OSError, ValueError): rate = 0.0
+    return float(rate or 0.0)
 
 def _check_args(a):
     for name in ('prompt_bars', 'prompt_tracks', 'bars', 'num_samples', 'max_bar_notes', 'threads'):
@@ -287,6 +301,46 @@ def _check_args(a):
     if a.top_k < 0: raise ValueError(f"--top_k must be >= 0, not {a.top_k}")
     if a.prompt is not None and not Path(a.prompt).is_file(): raise ValueError(f"{a.prompt}: no such file")
     if not str(a.out).lower().endswith(('.mid', '.midi')): raise ValueError(f"--out must end in .mid, not {a.out!r}")
+    flags = [f for f in ('infill_bars', 'infill_tracks', 'add_track') if getattr(a, f)]
+    if flags and a.prompt is None: raise ValueError(f"--{flags[0]} needs --prompt (the piece to fill)")
+    clash = [f for f in ('prompt_bars', 'prompt_tracks', 'bars', 'tracks') if flags and getattr(a, f)]
+    if clash: raise ValueError(f"--{clash[0]} with --{flags[0]}: infilling keeps the whole prompt (use --add_track for new tracks)")
+
+def _infill_request(tok: HIDTokenizer, ids, a) -> tuple[np.ndarray, list]:
+    "(stream, segments) of `--infill_bars`, `--infill_tracks` and `--add_track` on the prompt stream ids; `ValueError` in one line."
+    m = tok.annotate(ids)
+    heads = [int(i) for i in ids if i in tok.ranges['program']]
+    n_bars = int(((m['kind'] == TokenKind.BAR) & (m['track'] == 0)).sum())
+    named = ', '.join(f'{k} {tok.vocab[h]}' for k, h in enumerate(heads))
+    segs = []
+    if a.infill_bars is not None or a.infill_tracks:
+        bars = range(n_bars)
+        if a.infill_bars is not None:
+            lo, _, hi = str(a.infill_bars).strip().partition('-')
+            if not (lo.isdigit() and (hi or lo).isdigit()): raise ValueError(f"--infill_bars {a.infill_bars!r}: bars as N or N-M, counted from 1")
+            lo, hi = int(lo), int(hi or lo)
+            if not 1 <= lo <= hi <= n_bars: raise ValueError(f"--infill_bars {a.infill_bars}: first <= last within 1..{n_bars} (the prompt's bars, counted from 1)")
+            bars = range(lo - 1, hi)
+        tracks = set(range(len(heads))) if not a.infill_tracks else set()
+        for spec in [s for item in a.infill_tracks or () for s in str(item).split(',') if s.strip()]:
+            if spec.strip().isdigit():
+                if int(spec) >= len(heads): raise ValueError(f"--infill_tracks {spec}: the prompt has tracks 0..{len(heads) - 1} ({named})")
+                tracks.add(int(spec)); continue
+            h = track_token(tok, spec)
+            hit = [k for k, t in enumerate(heads) if t == h or (spec.strip().lower() == 'drums' and tok.vocab[t].startswith('#D'))]
+            if not hit: raise ValueError(f"--infill_tracks {spec}: no such track in the prompt ({named})")
+            tracks.update(hit)
+        segs = [(t, b) for t in sorted(tracks) for b in bars]
+    for spec in a.add_track or (): ids, segs = add_track(tok, ids, spec, segs)
+    return ids, segs
+
+def _regions(segs) -> list:
+    "(track, first bar, last bar) runs of consecutive bars among (track, bar) segments, for the piano roll."
+    out = []
+    for t, b in sorted(segs):
+        if out and out[-1][0] == t and out[-1][2] == b - 1: out[-1][2] = b
+        else: out.append([t, b, b])
+    return [tuple(r) for r in out]
 
 @cli_main
 def main(argv=None) -> int:
@@ -296,18 +350,27 @@ def main(argv=None) -> int:
     if device.type == 'cpu': torch.set_num_threads(a.threads)
     model, tok = load_pretrained(a.checkpoint, str(device))
     model.to(device)
-    if a.prompt:
+    infill = bool(a.infill_bars or a.infill_tracks or a.add_track)
+    model.cfg.infill_rate = _infill_rate(model, a.checkpoint)
+    if infill and not model.cfg.infill_rate > 0: raise ValueError("trained without infilling (infill_rate 0): retrain with --infill_rate")
+    segs = []
+    if infill:
+        ids, segs = _infill_request(tok, tok.encode(a.prompt), a)
+        plan, kw = None, dict(infill=(ids, segs))
+    elif a.prompt:
+        kw = {}
         prompt_bars = a.prompt_bars if a.prompt_bars or a.prompt_tracks else 4
         plan = plan_from_midi(tok, a.prompt, prompt_bars, a.prompt_tracks, a.bars, a.tracks or ())
-    else: plan = plan_from_scratch(tok, a.tracks or ('drums', 'bass', 'piano'), a.bars or 8, a.ts, a.bpm)
+    else: plan, kw = plan_from_scratch(tok, a.tracks or ('drums', 'bass', 'piano'), a.bars or 8, a.ts, a.bpm), {}
     ids, stats = generate(model, tok, plan, a.num_samples, a.temperature, a.top_k, a.top_p, a.seed,
-                          max_bar_notes=a.max_bar_notes, progress=a.progress)
+                          max_bar_notes=a.max_bar_notes, progress=a.progress, **kw)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
     for k, x in enumerate(ids):
         path = out if len(ids) == 1 else out.with_name(f'{out.stem}_{k}{out.suffix}')
         midi = tok.decode(x)
         midi.dump(str(path))
-        piano_roll(midi, path.with_suffix('.png'), title=f'{path.name}: {len(x)} tokens, bars per track {bars_per_track(tok, x)}')
+        piano_roll(midi, path.with_suffix('.png'), title=f'{path.name}: {len(x)} tokens, bars per track {bars_per_track(tok, x)}',
+                   highlight=_regions(segs))
         print(f"wrote {path} and {path.with_suffix('.png').name}: {len(x)} tokens, {sum(len(i.notes) for i in midi.instruments)} notes")
     print(f"{stats['sampled_tokens']} tokens sampled in {stats['seconds']:.1f}s: {stats['tokens_per_s']:.0f} tokens/s "
           f"({len(ids)} samples; {stats['fixed_tokens']} tokens fixed by the prompt and the grammar, not counted)")
