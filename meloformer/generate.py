@@ -13,13 +13,14 @@ import torch
 from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS
 from .model import MeloFormer, DecodeCache, load_pretrained
 from .grammar import Plan, Grammar, default_max_len, forced_prefix, is_int, plan_from_midi, plan_from_scratch
+from .grammar import track_token, _track_order, _split_tracks
 from .grammar import PROGRAMS as _PROGRAMS      # the track names the CLI's --tracks help lists
 
 from .metrics import piano_roll
 
 # %% auto 0
-__all__ = ['MAX_LEN', 'forward_cached', 'IncrementalDecoder', 'sample_next', 'generate', 'bars_per_track', 'GenerateConfig',
-           'generate_parser', 'main']
+__all__ = ['MAX_LEN', 'forward_cached', 'IncrementalDecoder', 'sample_next', 'add_track', 'generate', 'bars_per_track',
+           'GenerateConfig', 'generate_parser', 'main']
 
 # %% ../nbs/09_generate.ipynb
 @torch.no_grad()
@@ -133,10 +134,53 @@ def _cache_bytes(model: MeloFormer, batch_size: int, max_len: int, max_segments:
     return kv + 8 * batch_size * (5 * max_len + 4 * S)
 
 # %% ../nbs/09_generate.ipynb
+def _infill_setup(model: MeloFormer, tok: HIDTokenizer, infill, max_len, max_bar_notes) -> tuple:
+    """(grammar, prompt ids up to `FILL_START`, token budget, summary slots) of `generate(..., infill=(ids, segments))`.
+    `ValueError`: a model trained without infilling, a malformed `infill`, no segments, a segment the stream lacks, a
+    prompt outside the grammar or longer than `max_len`."""
+    if not (getattr(model.cfg, 'infill_rate', 0.0) or 0.0) > 0:
+        raise ValueError("generate: the model was trained without infilling (infill_rate 0): retrain with --infill_rate")
+    try: ids, segments = infill; segments = sorted({(int(t), int(b)) for t, b in segments})
+    except (TypeError, ValueError): raise ValueError(f"generate: infill {infill!r}: a pair (prompt ids, [(track, bar), ...])") from None
+    if not segments: raise ValueError("generate: infill: no segments to fill")
+    x = tok.to_infill(ids, segments)
+    prefix = x[:int(np.flatnonzero(x == tok.fill_start_id)[0]) + 1].tolist()
+    max_len = max_len or len(prefix) + len(segments) * (1 + 4 * (max_bar_notes or 32)) + 1
+    if max_len < len(prefix) + len(segments) + 1:
+        raise ValueError(f"generate: max_len {max_len}: the infill prompt has {len(prefix)} tokens, {len(segments)} fills follow")
+    grammar = Grammar(tok, Plan(), max_len, max_bar_notes=max_bar_notes, infill=True)
+    st = Grammar(tok, Plan(), max_len, infill=True).state()         # the prompt's bars may hold more than max_bar_notes
+    for k, i in enumerate(prefix):
+        if not st.allowed()[i]: raise ValueError(f"generate: infill: the prompt leaves the grammar at token {k} ({tok.vocab[i]})")
+        st.step(i)
+    return grammar, prefix, max_len, int(tok.annotate(prefix)['seg'].max()) + len(segments) + 2
+
+def add_track(tok: HIDTokenizer, ids, spec, segments=()) -> tuple[np.ndarray, list]:
+    """(stream, segments) to write a new track `spec` (as `track_token` takes it) for the piece `ids`: its header, `SEP` and
+    one empty bar (chord `N`) per bar, at the place the tokenizer's track order (drums, bass, harmony, melody) gives it;
+    the segments are `segments` ((track, bar) of `ids`, tracks after the new one shifted) plus every bar of the new track.
+    A new track 0 takes over the meter and tempo tokens of the old one. `ValueError` past the tokenizer's `max_tracks`."""
+    head, tracks = _split_tracks(tok, ids)
+    if len(tracks) + 1 > tok.config.max_tracks: raise ValueError(f"add_track {spec!r}: the piece has {len(tracks)} tracks, at most {tok.config.max_tracks}")
+    h = track_token(tok, spec)
+    at = sum(_track_order(tok, t) <= _track_order(tok, h) for t, _ in tracks)
+    chord, control = tok.ranges['chord'], {*tok.ranges['ts'], *tok.ranges['bpm'], *tok.ranges['tempo_at']}
+    body0 = tracks[0][1]
+    n_bars = sum(i in chord for i in body0)
+    new = [tok.vocab_index['N']] * n_bars
+    if at == 0:                                           # meter and tempo live in track 0: they move to the new one
+        new = [tok.vocab_index['N'] if i in chord else i for i in body0 if i in chord or i in control]
+        tracks[0] = (tracks[0][0], [i for i in body0 if i not in control])
+    tracks.insert(at, (h, new))
+    out = list(head) + [i for t, body in tracks for i in (t, tok.vocab_index['SEP'], *body)] + [tok.eos_id]
+    segs = [(int(t) + (int(t) >= at), int(b)) for t, b in segments] + [(at, b) for b in range(n_bars)]
+    return np.array(out, np.int64), segs
+
+# %% ../nbs/09_generate.ipynb
 @torch.no_grad()
 def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num_samples: int = 1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, max_len: int | None = None, max_bar_notes: int | None = 32,
-             progress: bool = False) -> tuple[list, dict]:
+             progress: bool = False, infill=None) -> tuple[list, dict]:
     """Sample `num_samples` id streams that follow the grammar and `plan`, with cached decoding: (list of int64 arrays, stats).
     Stats: `prefix_tokens` (per sample, fed as one chunk), `fixed_tokens` (all samples: tokens the grammar left no choice
     in: the plan's header and prompt bars, `SEP`s, a track header, bar or `EOS` where nothing else may come), `sampled_tokens`
@@ -144,15 +188,22 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     per second of the whole call). Raises `ValueError` naming the argument or plan field that is out of range
     (`num_samples` >= 1, `max_len` in 1..`MAX_LEN`, `temperature` >= 0, `top_k` >= 0, `top_p` in (0, 1], `max_bar_notes` >= 1,
     `seed` in -2**63..2**64-1, `Plan.check`), when `max_len` cannot hold the shortest piece of the plan, and when the decode
-    cache of `num_samples` rows of `max_len` tokens needs more memory than the device has free."""
+    cache of `num_samples` rows of `max_len` tokens needs more memory than the device has free. `infill=(ids, segments)`:
+    regenerate the (track, bar) segments (0-based) of the continuation stream ids with the rest of the piece on both sides
+    (`_infill_setup`; no plan then): the streams returned are continuation streams (`tok.merge_fills`), the prompt's
+    other tokens kept."""
     from tqdm.auto import tqdm
     _check_sampling(num_samples, temperature, top_k, top_p, seed, max_len, max_bar_notes)
-    plan = plan or Plan()
-    max_len = max_len or default_max_len(plan, tok, max_bar_notes or 32)
-    grammar = Grammar(tok, plan, max_len, max_bar_notes=max_bar_notes)
-    prefix = forced_prefix(grammar)
-    n_tracks = len(plan.tracks) if plan.tracks is not None else grammar.max_tracks
-    max_segments = n_tracks * plan.n_bars if plan.n_bars else max_len
+    if infill is not None:
+        if plan is not None: raise ValueError("generate: a plan or infill, not both (an infill's prompt is its plan)")
+        grammar, prefix, max_len, max_segments = _infill_setup(model, tok, infill, max_len, max_bar_notes)
+    else:
+        plan = plan or Plan()
+        max_len = max_len or default_max_len(plan, tok, max_bar_notes or 32)
+        grammar = Grammar(tok, plan, max_len, max_bar_notes=max_bar_notes)
+        prefix = forced_prefix(grammar)
+        n_tracks = len(plan.tracks) if plan.tracks is not None else grammar.max_tracks
+        max_segments = n_tracks * plan.n_bars if plan.n_bars else max_len
     need, free = _cache_bytes(model, num_samples, max_len, max_segments), _free_bytes(model.tok_emb.weight.device)
     if free is not None and need > free:
         raise ValueError(f"generate: max_len {max_len} with num_samples {num_samples}: the decode cache needs {need / 2**30:,.1f} GiB, "
@@ -180,7 +231,9 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     bar.close()
     seconds = time.perf_counter() - t0
     n_sampled = int(sampled.sum())
-    return [np.array(o, np.int64) for o in out], dict(
+    streams = [np.array(o, np.int64) for o in out]
+    if infill is not None: streams = [tok.merge_fills(x) for x in streams]
+    return streams, dict(
         prefix_tokens=len(prefix), fixed_tokens=sum(map(len, out)) - n_sampled, sampled_tokens=n_sampled,
         seconds=seconds, prefill_s=t_prefill, tokens_per_s=n_sampled / max(seconds, 1e-9))
 
@@ -218,12 +271,26 @@ class GenerateConfig:
     device: str = 'auto';                   "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N; a device this machine lacks is an error"
     threads: int = 1;                       "CPU threads (a decoding step is many tiny products: one thread is fastest)"
     progress: bool = True;                  "show a progress bar"
+    infill_bars: str | None = None;         "bars of the prompt to regenerate, counted from 1, inclusive: 5-8 or 5 (all tracks without --infill_tracks)"
+    infill_tracks: list[str] | None = None; ("tracks of the prompt to regenerate (all bars without --infill_bars): 0-based indices in its stream "
+                                             "order or names as --tracks takes (a name selects every track of that instrument); 1,bass or 1 bass")
+    add_track: list[str] | None = None;     "tracks to write for the prompt over all its bars, named as --tracks takes"
 
 # %% ../nbs/09_generate.ipynb
 def generate_parser() -> ConfigParser:
     "The command line of `python -m meloformer.generate`: a flag per `GenerateConfig` field, `--config`, `--print_config`."
     return ConfigParser(GenerateConfig, prog='python -m meloformer.generate',
                         description="Sample MIDI from a trained MeloFormer: from scratch or continuing a MIDI file.")
+
+def _infill_rate(model: MeloFormer, checkpoint) -> float:
+    "The model's `cfg.infill_rate`, else its checkpoint's config.json's (a config that predates the field), else 0."
+    rate = getattr(model.cfg, 'infill_rate', None)
+    if rate is None:
+        import json
+        from meloformer.model import checkpoint_dir
+        try: rate = json.loads((checkpoint_dir(checkpoint) / 'config.json').read_text()).get('infill_rate', 0.0)
+        except (OSError, ValueError): rate = 0.0
+    return float(rate or 0.0)
 
 def _check_args(a):
     for name in ('prompt_bars', 'prompt_tracks', 'bars', 'num_samples', 'max_bar_notes', 'threads'):
@@ -234,6 +301,46 @@ def _check_args(a):
     if a.top_k < 0: raise ValueError(f"--top_k must be >= 0, not {a.top_k}")
     if a.prompt is not None and not Path(a.prompt).is_file(): raise ValueError(f"{a.prompt}: no such file")
     if not str(a.out).lower().endswith(('.mid', '.midi')): raise ValueError(f"--out must end in .mid, not {a.out!r}")
+    flags = [f for f in ('infill_bars', 'infill_tracks', 'add_track') if getattr(a, f)]
+    if flags and a.prompt is None: raise ValueError(f"--{flags[0]} needs --prompt (the piece to fill)")
+    clash = [f for f in ('prompt_bars', 'prompt_tracks', 'bars', 'tracks') if flags and getattr(a, f)]
+    if clash: raise ValueError(f"--{clash[0]} with --{flags[0]}: infilling keeps the whole prompt (use --add_track for new tracks)")
+
+def _infill_request(tok: HIDTokenizer, ids, a) -> tuple[np.ndarray, list]:
+    "(stream, segments) of `--infill_bars`, `--infill_tracks` and `--add_track` on the prompt stream ids; `ValueError` in one line."
+    m = tok.annotate(ids)
+    heads = [int(i) for i in ids if i in tok.ranges['program']]
+    n_bars = int(((m['kind'] == TokenKind.BAR) & (m['track'] == 0)).sum())
+    named = ', '.join(f'{k} {tok.vocab[h]}' for k, h in enumerate(heads))
+    segs = []
+    if a.infill_bars is not None or a.infill_tracks:
+        bars = range(n_bars)
+        if a.infill_bars is not None:
+            lo, _, hi = str(a.infill_bars).strip().partition('-')
+            if not (lo.isdigit() and (hi or lo).isdigit()): raise ValueError(f"--infill_bars {a.infill_bars!r}: bars as N or N-M, counted from 1")
+            lo, hi = int(lo), int(hi or lo)
+            if not 1 <= lo <= hi <= n_bars: raise ValueError(f"--infill_bars {a.infill_bars}: first <= last within 1..{n_bars} (the prompt's bars, counted from 1)")
+            bars = range(lo - 1, hi)
+        tracks = set(range(len(heads))) if not a.infill_tracks else set()
+        for spec in [s for item in a.infill_tracks or () for s in str(item).split(',') if s.strip()]:
+            if spec.strip().isdigit():
+                if int(spec) >= len(heads): raise ValueError(f"--infill_tracks {spec}: the prompt has tracks 0..{len(heads) - 1} ({named})")
+                tracks.add(int(spec)); continue
+            h = track_token(tok, spec)
+            hit = [k for k, t in enumerate(heads) if t == h or (spec.strip().lower() == 'drums' and tok.vocab[t].startswith('#D'))]
+            if not hit: raise ValueError(f"--infill_tracks {spec}: no such track in the prompt ({named})")
+            tracks.update(hit)
+        segs = [(t, b) for t in sorted(tracks) for b in bars]
+    for spec in a.add_track or (): ids, segs = add_track(tok, ids, spec, segs)
+    return ids, segs
+
+def _regions(segs) -> list:
+    "(track, first bar, last bar) runs of consecutive bars among (track, bar) segments, for the piano roll."
+    out = []
+    for t, b in sorted(segs):
+        if out and out[-1][0] == t and out[-1][2] == b - 1: out[-1][2] = b
+        else: out.append([t, b, b])
+    return [tuple(r) for r in out]
 
 @cli_main
 def main(argv=None) -> int:
@@ -243,18 +350,27 @@ def main(argv=None) -> int:
     if device.type == 'cpu': torch.set_num_threads(a.threads)
     model, tok = load_pretrained(a.checkpoint, str(device))
     model.to(device)
-    if a.prompt:
+    infill = bool(a.infill_bars or a.infill_tracks or a.add_track)
+    model.cfg.infill_rate = _infill_rate(model, a.checkpoint)
+    if infill and not model.cfg.infill_rate > 0: raise ValueError("trained without infilling (infill_rate 0): retrain with --infill_rate")
+    segs = []
+    if infill:
+        ids, segs = _infill_request(tok, tok.encode(a.prompt), a)
+        plan, kw = None, dict(infill=(ids, segs))
+    elif a.prompt:
+        kw = {}
         prompt_bars = a.prompt_bars if a.prompt_bars or a.prompt_tracks else 4
         plan = plan_from_midi(tok, a.prompt, prompt_bars, a.prompt_tracks, a.bars, a.tracks or ())
-    else: plan = plan_from_scratch(tok, a.tracks or ('drums', 'bass', 'piano'), a.bars or 8, a.ts, a.bpm)
+    else: plan, kw = plan_from_scratch(tok, a.tracks or ('drums', 'bass', 'piano'), a.bars or 8, a.ts, a.bpm), {}
     ids, stats = generate(model, tok, plan, a.num_samples, a.temperature, a.top_k, a.top_p, a.seed,
-                          max_bar_notes=a.max_bar_notes, progress=a.progress)
+                          max_bar_notes=a.max_bar_notes, progress=a.progress, **kw)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
     for k, x in enumerate(ids):
         path = out if len(ids) == 1 else out.with_name(f'{out.stem}_{k}{out.suffix}')
         midi = tok.decode(x)
         midi.dump(str(path))
-        piano_roll(midi, path.with_suffix('.png'), title=f'{path.name}: {len(x)} tokens, bars per track {bars_per_track(tok, x)}')
+        piano_roll(midi, path.with_suffix('.png'), title=f'{path.name}: {len(x)} tokens, bars per track {bars_per_track(tok, x)}',
+                   highlight=_regions(segs))
         print(f"wrote {path} and {path.with_suffix('.png').name}: {len(x)} tokens, {sum(len(i.notes) for i in midi.instruments)} notes")
     print(f"{stats['sampled_tokens']} tokens sampled in {stats['seconds']:.1f}s: {stats['tokens_per_s']:.0f} tokens/s "
           f"({len(ids)} samples; {stats['fixed_tokens']} tokens fixed by the prompt and the grammar, not counted)")

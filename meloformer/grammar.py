@@ -140,9 +140,11 @@ def _check_prompt_order(plan: Plan, tok: HIDTokenizer):
 
 # %% ../nbs/07_grammar.ipynb
 class Grammar:
-    "The token grammar of the HID stream plus a `Plan`: `state()` gives a `GrammarState` that masks invalid next tokens."
+    """The token grammar of the HID stream plus a `Plan`: `state()` gives a `GrammarState` that masks invalid next tokens.
+    `infill=True`: the grammar of infill streams (design/infill.md): `FILL` where a bar token may come, `FILL_START` in
+    place of `EOS` once a `FILL` was written, then one fill per `FILL` (its bar token and notes inside that bar), `EOS`."""
     def __init__(self, tok: HIDTokenizer, plan: Plan | None = None, max_len: int = 4096, max_tracks: int | None = None,
-                 max_bar_notes: int | None = None):
+                 max_bar_notes: int | None = None, infill: bool = False):
         self.tok, self.plan, self.max_len, self.max_bar_notes = tok, (plan or Plan()).check(tok), max_len, max_bar_notes
         self.max_tracks = max_tracks or tok.config.max_tracks
         r, V = tok.ranges, tok.vocab_size
@@ -158,6 +160,7 @@ class Grammar:
             num, den = map(int, tok.vocab[i][3:].split('/'))
             self.bar_steps[i] = tok.config.bar_steps(num, den)
         self.bos, self.eos, self.pad, self.sep = tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_index['SEP']
+        self.infill, self.fill, self.fill_start = bool(infill), tok.fill_id, tok.fill_start_id
         self.onset0 = r['onset'].start
         self.at0 = r['tempo_at'].start                  # `@pos` id = at0 + pos - 1
         # fixed tokens of each planned track besides its sampled bars: header, SEP, prompt minus the prompt's bar tokens
@@ -195,6 +198,9 @@ class Phase(enum.Enum):
     VELOCITY = "After a note's duration: its velocity, the note's last token."
     TEMPO_AT = "After `@pos` (a tempo change inside a bar): its tempo `BPM_k`."
     DONE = "After `EOS`: only `PAD` (a finished row of a batch)."
+    FILL_BAR = "After `FILL_START` (an infill stream): the first fill's bar token."
+    FILL = ("In a fill, after its bar token or a whole note: a note's onset inside the bar of that fill's (track, bar), "
+            "the next fill's bar token, or `EOS` after the last fill.")
 
 # %% ../nbs/07_grammar.ipynb
 class BarOpening(enum.IntEnum):
@@ -221,6 +227,7 @@ class GrammarState:
         self.opening, self.last_onset, self.bar_notes = BarOpening.BAR, 0, 0
         self.last_at = 0                        # grid position of the last tempo change inside the bar (`@pos BPM`)
         self.meter, self.header_steps, self.forced = [], 16, []
+        self.holders, self.fill, self.in_holder = [], None, False   # (track, bar) of each FILL; the fill written (None: the piece); a FILL's bar
 
     # tokens still needed to end the piece from the body of the current track, with `bars` done there of `n_bars`
     def _need(self, bars, n_bars) -> int:
@@ -249,7 +256,9 @@ def allowed(self: GrammarState) -> torch.Tensor:
         tracks = g.plan.tracks
         return g.one[tracks[self.track + 1].program] if tracks is not None else m['program']
     if phase is Phase.SEP: return g.one[g.sep]
-    if phase is Phase.FIRST_BAR: return m['chord']
+    if phase is Phase.FIRST_BAR: return m['chord'] | g.one[g.fill] if g.infill else m['chord']
+    if phase is Phase.FILL_BAR: return m['chord']
+    if phase is Phase.FILL: return self._fill_allowed()
     if phase is Phase.PITCH: return m['pitch']
     if phase is Phase.DURATION: return m['dur']
     if phase is Phase.VELOCITY: return m['vel']
@@ -275,17 +284,19 @@ def _body_allowed(self: GrammarState) -> torch.Tensor:
     if self.track == 0 and self.opening < BarOpening.NOTES and left >= 2 + need and not in_prompt:
         out[g.at0 + self.last_at:g.at0 + steps - 1] = True               # `@pos`, pos after the last one, inside the bar
     room = g.max_bar_notes is None or self.bar_notes < g.max_bar_notes
-    if left >= 4 + need and not in_prompt and room:
+    if left >= 4 + need and not in_prompt and room and not self.in_holder:     # a FILL's bar holds no notes
         out[g.onset0 + self.last_onset:g.onset0 + steps] = True
     open_bars = self.n_bars is None and self.bars < self.g.tok.config.max_bars and left >= 1 + self._need(self.bars + 1, self.bars + 1)
-    if (self.n_bars is not None and self.bars < self.n_bars) or open_bars: out |= m['chord']
+    if (self.n_bars is not None and self.bars < self.n_bars) or open_bars:
+        out |= m['chord']
+        if g.infill: out[g.fill] = True
     if self._track_done():
         if self._more_tracks():
             tracks = g.plan.tracks
             # an open plan starts a track only with room for it: header, SEP, n_bars bar tokens and EOS
             if tracks is None and left >= 3 + n_bars: out |= m['program']
             elif tracks is not None: out[tracks[self.track + 1].program] = True
-        if g.plan.tracks is None or not self._more_tracks(): out[g.eos] = True
+        if g.plan.tracks is None or not self._more_tracks(): out[g.fill_start if self.holders else g.eos] = True   # FILLs: their fills follow
     return out
 
 # %% ../nbs/07_grammar.ipynb
@@ -306,9 +317,12 @@ def step(self: GrammarState, i: int) -> GrammarState:
         self.track += 1; self.bars = 0; self.phase = Phase.FIRST_BAR
         tracks = g.plan.tracks
         if tracks is not None: self.forced = list(tracks[self.track].prompt)
-    elif phase in _NEXT_IN_NOTE: self.phase = _NEXT_IN_NOTE[phase]
+    elif phase in _NEXT_IN_NOTE:
+        self.phase = _NEXT_IN_NOTE[phase]
+        if self.phase is Phase.BODY and self.fill is not None: self.phase = Phase.FILL       # a note of a fill
     elif phase is Phase.TEMPO_AT: self.phase, self.opening = Phase.BODY, BarOpening.TEMPO
     elif phase in (Phase.FIRST_BAR, Phase.BODY): self._step_body(i)
+    elif phase in (Phase.FILL_BAR, Phase.FILL): self._step_fill(i)
     return self
 
 # %% ../nbs/07_grammar.ipynb
@@ -316,8 +330,10 @@ def step(self: GrammarState, i: int) -> GrammarState:
 def _step_body(self: GrammarState, i: int):
     "Move past token id `i` in `Phase.FIRST_BAR` or `Phase.BODY`."
     g = self.g
-    if g.masks['chord'][i]:
+    if g.masks['chord'][i] or i == g.fill:
         self.bars += 1
+        self.in_holder = i == g.fill
+        if self.in_holder: self.holders.append((self.track, self.bars - 1))
         self.phase, self.opening, self.last_onset, self.bar_notes, self.last_at = Phase.BODY, BarOpening.BAR, 0, 0, 0
         if self.track == 0: self.meter.append(self.meter[-1] if self.meter else self.header_steps)
     elif g.masks['ts'][i]: self.opening = BarOpening.METER; self.meter[-1] = g.bar_steps[i]
@@ -329,9 +345,9 @@ def _step_body(self: GrammarState, i: int):
     elif g.masks['program'][i]:
         if self.track == 0 and self.n_bars is None: self.n_bars = self.bars
         self.phase = Phase.SEP
-    elif i == g.eos:
+    elif i in (g.eos, g.fill_start):
         if self.track == 0 and self.n_bars is None: self.n_bars = self.bars
-        self.phase = Phase.DONE
+        self.phase = Phase.DONE if i == g.eos else Phase.FILL_BAR
 
 # %% ../nbs/07_grammar.ipynb
 @patch
@@ -342,6 +358,31 @@ def accepts(self: Grammar, ids) -> bool:
         if not st.allowed()[i]: return False
         st.step(i)
     return True
+
+# %% ../nbs/07_grammar.ipynb
+@patch
+def _fill_allowed(self: GrammarState) -> torch.Tensor:
+    "Valid tokens in `Phase.FILL`: an onset inside the bar of the fill's (track, bar), the next fill's bar token, or `EOS` after the last."
+    g, m = self.g, self.g.masks
+    out = torch.zeros(g.V, dtype=torch.bool)
+    _, bar = self.holders[self.fill]
+    steps = self.meter[bar] if bar < len(self.meter) else self.meter[-1]      # track 0's meter of that bar
+    rest = len(self.holders) - self.fill - 1                                    # fills still to open after this one
+    room = g.max_bar_notes is None or self.bar_notes < g.max_bar_notes
+    if room and g.max_len - self.n >= 4 + rest + 1: out[g.onset0 + self.last_onset:g.onset0 + steps] = True
+    if rest: out |= m['chord']
+    else: out[g.eos] = True
+    return out
+
+@patch
+def _step_fill(self: GrammarState, i: int):
+    "Move past token id `i` in `Phase.FILL_BAR` or `Phase.FILL`: a bar token opens the next fill, an onset a note, `EOS` ends."
+    g = self.g
+    if g.masks['chord'][i]:
+        self.fill = 0 if self.fill is None else self.fill + 1
+        self.phase, self.last_onset, self.bar_notes = Phase.FILL, 0, 0
+    elif g.masks['onset'][i]: self.last_onset, self.phase, self.bar_notes = i - g.onset0, Phase.PITCH, self.bar_notes + 1
+    elif i == g.eos: self.phase = Phase.DONE
 
 # %% ../nbs/07_grammar.ipynb
 # General MIDI programs a track may be named by (`track_token`)

@@ -279,8 +279,10 @@ def plot_metrics(tables: dict, metrics=METRICS, ncols: int = 5, path=None, dpi: 
     return fig
 
 # %% ../nbs/08_metrics.ipynb
-def piano_roll(midi, path=None, ax=None, title: str | None = None, dpi: int = 80):
-    "Notes of a `miditoolkit.MidiFile` as a piano roll, one colour per track, bar lines in grey; saved small to `path`."
+def piano_roll(midi, path=None, ax=None, title: str | None = None, dpi: int = 80, highlight=()):
+    """Notes of a `miditoolkit.MidiFile` as a piano roll, one colour per track, bar lines in grey; saved small to `path`.
+    `highlight`: (track, first bar, last bar) regions (0-based, inclusive; track an index of `midi.instruments`), each a
+    shaded box over those bars and the track's pitch range (all pitches where it has no notes), e.g. regenerated bars."""
     import matplotlib; import matplotlib.pyplot as plt
     fig = None
     if ax is None: fig, ax = plt.subplots(figsize=(7, 2.6), dpi=dpi)
@@ -289,9 +291,12 @@ def piano_roll(midi, path=None, ax=None, title: str | None = None, dpi: int = 80
     # bar lines from the time signatures
     sigs = sorted(midi.time_signature_changes, key=lambda s: s.time) or [type('TS', (), dict(time=0, numerator=4, denominator=4))]
     t, k = 0, 0
-    while t <= end:
+    last_bar = max([b for _, _, b in highlight], default=-1)
+    starts = []                                           # bar start ticks
+    while t <= end or len(starts) <= last_bar + 1:
         while k + 1 < len(sigs) and sigs[k + 1].time <= t: k += 1
-        ax.axvline(t / tpq, color='0.85', lw=0.5, zorder=0)
+        if t <= end: ax.axvline(t / tpq, color='0.85', lw=0.5, zorder=0)
+        starts.append(t)
         t += sigs[k].numerator * 4 * tpq // sigs[k].denominator
     colors = matplotlib.colormaps['tab10']
     for j, inst in enumerate(midi.instruments):
@@ -299,7 +304,12 @@ def piano_roll(midi, path=None, ax=None, title: str | None = None, dpi: int = 80
         a = np.array([(n.start, n.end, n.pitch) for n in inst.notes], float)
         ax.hlines(a[:, 2], a[:, 0] / tpq, a[:, 1] / tpq, colors=[colors(j % 10)], lw=2,
                   label='drums' if inst.is_drum else f'program {inst.program}')
-    ax.set_xlabel('quarter notes'); ax.set_ylabel('pitch'); ax.set_xlim(0, end / tpq)
+    for tr, a, b in highlight:
+        notes = midi.instruments[tr].notes if 0 <= tr < len(midi.instruments) else []
+        lo, hi = (min(n.pitch for n in notes) - 1, max(n.pitch for n in notes) + 1) if notes else (0, 127)
+        ax.add_patch(matplotlib.patches.Rectangle((starts[a] / tpq, lo), (starts[b + 1] - starts[a]) / tpq, hi - lo,
+                                                  color='gold', alpha=0.3, lw=0, zorder=0.5))
+    ax.set_xlabel('quarter notes'); ax.set_ylabel('pitch'); ax.set_xlim(0, max(end, starts[last_bar + 1] if highlight else 0) / tpq)
     if midi.instruments: ax.legend(fontsize=6, loc='upper right', ncol=min(4, len(midi.instruments)))
     if title: ax.set_title(title, fontsize=8)
     if fig is not None:
