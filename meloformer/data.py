@@ -19,8 +19,8 @@ from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, 
 __all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'MIN_ROW_LEN', 'find_midi', 'piece_index', 'encode_file', 'write_shard',
            'corpus_losses', 'write_meta', 'build_corpus', 'crop_window', 'check_row_len', 'crop_piece', 'transpose_ids',
            'pack_pieces', 'pad_rows', 'ShardDataset', 'cache_root', 'prepare_demo', 'demo_dataset', 'length_buckets',
-           'bucket_of', 'plan_rows', 'PackedBatchSampler', 'Collate', 'make_loader', 'DataConfig', 'data_parser',
-           'print_losses', 'main']
+           'bucket_of', 'plan_rows', 'PackedBatchSampler', 'Collate', 'make_loader', 'draw_fills', 'DataConfig',
+           'data_parser', 'print_losses', 'main']
 
 # %% ../nbs/01_data.ipynb
 FORMAT_VERSION = 3     # 3: manifests record each file's size, mtime and SHA-1; meta.json lists the build's shards; skipped.jsonl
@@ -447,9 +447,12 @@ class ShardDataset(torch.utils.data.Dataset):
     """Pieces of a complete `build_corpus` folder through memory maps; `ds[i]` one piece, `ds[(seed, epoch, pieces)]` a packed row.
     Raises `FileNotFoundError` without `meta.json` or with a listed shard gone, `ValueError` for another shard format, an
     incomplete build (a build killed or still running, shards of other machines missing: the message gives the command
-    that finishes it), a build with no piece or a `train` split with none (`no training piece in ...`), and a
-    `max_seq_len` below `MIN_ROW_LEN`."""
-    def __init__(self, root, split: str = 'train', max_seq_len: int = 8192, transpose: int = 0, max_open_shards: int = 16):
+    that finishes it), a build with no piece or a `train` split with none (`no training piece in ...`), a
+    `max_seq_len` below `MIN_ROW_LEN`, and an `infill_rate` outside 0..1 or a negative `max_fills`. With `infill_rate`
+    r > 0, each piece of a seeded row is an infill stream with probability r (`draw_fills`, design/infill.md), with at
+    most `max_fills` filled segments."""
+    def __init__(self, root, split: str = 'train', max_seq_len: int = 8192, transpose: int = 0, max_open_shards: int = 16,
+                 infill_rate: float = 0.0, max_fills: int = 64):
         self.root = Path(root)
         if not (self.root/'meta.json').exists(): raise FileNotFoundError(f"{self.root}: no meta.json (make one with python -m meloformer.data SRC OUT)")
         self.meta = m = json.loads((self.root/'meta.json').read_text())
@@ -468,6 +471,9 @@ class ShardDataset(torch.utils.data.Dataset):
                 raise FileNotFoundError(f"{self.root/'shards'/n}: listed in meta.json but missing; rebuild it with `{_build_command(m, self.root)}`")
         if split not in ('train', 'valid', 'all'): raise ValueError(f"split {split!r}: use 'train', 'valid' or 'all'")
         check_row_len(max_seq_len)
+        if not 0 <= infill_rate <= 1: raise ValueError(f"infill_rate {infill_rate}: must be between 0 and 1 (the fraction of pieces rearranged for infilling)")
+        if max_fills < 0: raise ValueError(f"max_fills {max_fills}: must be 0 or more")
+        self.infill_rate, self.max_fills = float(infill_rate), int(max_fills)
         self.tok = HIDTokenizer.from_pretrained(self.root)
         self.split, self.max_seq_len, self.transpose, self.max_open_shards = split, max_seq_len, transpose, max_open_shards
         self.shard_names, self._digest = m['shards'], m.get('digest')
@@ -476,16 +482,9 @@ class ShardDataset(torch.utils.data.Dataset):
         if split != 'all': keep &= _split_valid(hashes, self.meta['seed'], self.meta['valid_frac']) == (split == 'valid')
         sel = np.flatnonzero(keep)
         self._shard, self._table = shard[sel], table[sel]
-        self.lengths = self._table[:, 1].copy()                          # whole-piece lengths in tokens
+        self.piece_lengths = self._table[:, 1].copy()                    # whole-piece lengths in tokens
         if split == 'train' and not len(sel): raise ValueError(self._no_piece(len(hashes)))
         self._open = OrderedDict()
-
-    def _no_piece(self, pieces: int = 0) -> str:
-        "Why the training split is empty: no file of the build could be tokenized, or (`pieces` > 0) every piece is validation."
-        m = self.meta
-        if pieces: return f"no training piece in {self.root}: its {pieces} pieces are all validation (valid_frac {m['valid_frac']})"
-        return (f"no training piece in {self.root}: its build read {m['files']} MIDI file(s) and tokenized none "
-                f"(reasons in {self.root/'skipped.jsonl'}); build it from a folder that holds readable MIDI")
 
     @property
     def digest(self) -> str:
@@ -494,8 +493,24 @@ class ShardDataset(torch.utils.data.Dataset):
             self._digest = _data_digest(self.tok, self.meta['seed'], self.meta['valid_frac'], [_shard_digest(self.root/'shards'/n) for n in self.shard_names])
         return self._digest
 
+    @property
+    def lengths(self) -> np.ndarray:
+        "Per piece, the tokens the packing plan counts: its whole length, plus `fill_room` when `infill_rate` > 0 (int64)."
+        return self.piece_lengths + self.fill_room if self.infill_rate > 0 else self.piece_lengths
+    @lengths.setter
+    def lengths(self, value): self.piece_lengths = np.asarray(value, np.int64)
+
     def __len__(self): return len(self._table)
-    def __repr__(self): return f"ShardDataset({str(self.root)!r}, split={self.split!r}, pieces={len(self)}, tokens={int(self.lengths.sum())})"
+    def __repr__(self): return f"ShardDataset({str(self.root)!r}, split={self.split!r}, pieces={len(self)}, tokens={int(self.piece_lengths.sum())})"
+
+# %% ../nbs/01_data.ipynb
+@patch
+def _no_piece(self: ShardDataset, pieces: int = 0) -> str:
+    "Why the training split is empty: no file of the build could be tokenized, or (`pieces` > 0) every piece is validation."
+    m = self.meta
+    if pieces: return f"no training piece in {self.root}: its {pieces} pieces are all validation (valid_frac {m['valid_frac']})"
+    return (f"no training piece in {self.root}: its build read {m['files']} MIDI file(s) and tokenized none "
+            f"(reasons in {self.root/'skipped.jsonl'}); build it from a folder that holds readable MIDI")
 
 # %% ../nbs/01_data.ipynb
 @patch
@@ -528,10 +543,13 @@ def row(self: ShardDataset, pieces, seed: int | None = None, epoch: int = 0) -> 
     parts = []
     for p in pieces:
         rng = None if seed is None else np.random.default_rng([seed, epoch, int(p)])
-        ids = self.crop(int(p), rng)
+        fill_rng = np.random.default_rng([seed, epoch, int(p), 1]) if rng is not None and self.infill_rate > 0 else None
+        infill = fill_rng is not None and fill_rng.random() < self.infill_rate and self.fill_room >= 3
+        ids = self.crop(int(p), rng, self.max_seq_len - self.fill_room if infill else None)
         m = self.tok.annotate(ids)
         if self.transpose and rng is not None:
             ids, _ = transpose_ids(self.tok, ids, int(rng.integers(-self.transpose, self.transpose + 1)), m)
+        if infill: ids, m = self._rearrange(ids, m, fill_rng, min(int(self.piece_lengths[p]) + self.fill_room, self.max_seq_len))
         labels = np.r_[ids[1:], -100]                    # the last token of a document predicts nothing
         parts.append(dict(ids=ids, labels=labels, **m))
     return pack_pieces(parts)
@@ -673,6 +691,40 @@ def make_loader(ds: ShardDataset, batch_size: int, seed: int = 0, epoch: int = 0
     sampler = PackedBatchSampler(ds.lengths, batch_size, ds.max_seq_len, seed, epoch, start, rank, world_size, pack, drop_last)
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=Collate(ds.tok.pad_id, ds.max_seq_len),
                                        num_workers=num_workers, **loader_kwargs)
+
+# %% ../nbs/01_data.ipynb
+def draw_fills(meta: dict, rng: np.random.Generator, max_segments: int = 64) -> list[tuple[int, int]]:
+    """The segments (track, bar), 0-based, in stream order, to fill in the continuation stream annotated as `meta`
+    (`tok.annotate`): a random subset of its tracks over a span of 1..8 bars or (p = 1/4) over every bar, at most
+    `max_segments` of them; `[]` when `max_segments` < 1 or the stream has no segment. Source: design/infill.md."""
+    opens = np.flatnonzero((meta['kind'] == TokenKind.BAR) & (meta['track'] >= 0) & (meta['fill'] == 0))
+    if max_segments < 1 or not len(opens): return []
+    have = set(zip(meta['track'][opens].tolist(), meta['bar'][opens].tolist()))
+    tracks, n_bars = np.unique(meta['track'][opens]), int(meta['bar'][opens].max()) + 1
+    u = rng.random()
+    k = 1 if u < 0.5 or len(tracks) == 1 else int(rng.integers(2, len(tracks) + 1)) if u < 0.8 else len(tracks)
+    chosen = np.sort(rng.choice(tracks, min(k, max_segments), replace=False))
+    if rng.random() < 0.25: lo, span = 0, n_bars                                  # whole tracks
+    else: span = min(int(rng.integers(1, 9)), n_bars); lo = int(rng.integers(0, n_bars - span + 1))
+    if span > (per := max_segments // len(chosen)): lo += int(rng.integers(0, span - per + 1)); span = per
+    fills = [(int(t), b) for t in chosen for b in range(lo, lo + span) if (int(t), b) in have]
+    if not fills:                                                                 # a crop cut inside its first bar: tracks differ in bars
+        j = opens[int(rng.integers(len(opens)))]; fills = [(int(meta['track'][j]), int(meta['bar'][j]))]
+    return fills
+
+# %% ../nbs/01_data.ipynb
+@patch(as_prop=True)
+def fill_room(self: ShardDataset) -> int:
+    "Tokens the packing plan adds to each piece with `infill_rate` > 0: `FILL_START`, `EOS` and up to `max_fills` fills."
+    return int(min(2 + min(self.max_fills, self.max_seq_len // 32), self.max_seq_len - MIN_ROW_LEN))
+
+@patch
+def _rearrange(self: ShardDataset, ids: np.ndarray, meta: dict, rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict]:
+    "The infill stream (`tok.to_infill`) of the crop `ids` annotated as `meta`, within `size` tokens, and its metadata; `ids` unchanged if no fill fits."
+    fills = draw_fills(meta, rng, min(self.max_fills, size - len(ids) - (1 if ids[-1] == self.tok.eos_id else 2)))
+    if not fills: return ids, meta
+    out = self.tok.to_infill(ids, fills)
+    return out, self.tok.annotate(out)
 
 # %% ../nbs/01_data.ipynb
 from dataclasses import dataclass

@@ -13,7 +13,7 @@ import torch
 from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS
 from .model import MeloFormer, DecodeCache, load_pretrained
 from .grammar import Plan, Grammar, default_max_len, forced_prefix, is_int, plan_from_midi, plan_from_scratch
-from .grammar import track_token, _track_order, _split_tracks
+from .grammar import track_token, track_rank, split_tracks
 from .grammar import PROGRAMS as _PROGRAMS      # the track names the CLI's --tracks help lists
 
 from .metrics import piano_roll
@@ -160,10 +160,10 @@ def add_track(tok: HIDTokenizer, ids, spec, segments=()) -> tuple[np.ndarray, li
     one empty bar (chord `N`) per bar, at the place the tokenizer's track order (drums, bass, harmony, melody) gives it;
     the segments are `segments` ((track, bar) of `ids`, tracks after the new one shifted) plus every bar of the new track.
     A new track 0 takes over the meter and tempo tokens of the old one. `ValueError` past the tokenizer's `max_tracks`."""
-    head, tracks = _split_tracks(tok, ids)
+    head, tracks = split_tracks(tok, ids)
     if len(tracks) + 1 > tok.config.max_tracks: raise ValueError(f"add_track {spec!r}: the piece has {len(tracks)} tracks, at most {tok.config.max_tracks}")
     h = track_token(tok, spec)
-    at = sum(_track_order(tok, t) <= _track_order(tok, h) for t, _ in tracks)
+    at = sum(track_rank(tok, t) <= track_rank(tok, h) for t, _ in tracks)
     chord, control = tok.ranges['chord'], {*tok.ranges['ts'], *tok.ranges['bpm'], *tok.ranges['tempo_at']}
     body0 = tracks[0][1]
     n_bars = sum(i in chord for i in body0)
@@ -306,6 +306,7 @@ def _check_args(a):
     clash = [f for f in ('prompt_bars', 'prompt_tracks', 'bars', 'tracks') if flags and getattr(a, f)]
     if clash: raise ValueError(f"--{clash[0]} with --{flags[0]}: infilling keeps the whole prompt (use --add_track for new tracks)")
 
+# %% ../nbs/09_generate.ipynb
 def _infill_request(tok: HIDTokenizer, ids, a) -> tuple[np.ndarray, list]:
     "(stream, segments) of `--infill_bars`, `--infill_tracks` and `--add_track` on the prompt stream ids; `ValueError` in one line."
     m = tok.annotate(ids)
@@ -342,6 +343,7 @@ def _regions(segs) -> list:
         else: out.append([t, b, b])
     return [tuple(r) for r in out]
 
+# %% ../nbs/09_generate.ipynb
 @cli_main
 def main(argv=None) -> int:
     a = generate_parser().parse_config(argv)

@@ -14,7 +14,7 @@ from .tokenizer import HIDTokenizer, tempo_bin, track_class
 
 # %% auto 0
 __all__ = ['PROGRAMS', 'is_int', 'TrackPlan', 'Plan', 'Grammar', 'Phase', 'BarOpening', 'GrammarState', 'track_token',
-           'plan_from_scratch', 'plan_from_midi', 'forced_prefix', 'default_max_len']
+           'track_rank', 'plan_from_scratch', 'split_tracks', 'plan_from_midi', 'forced_prefix', 'default_max_len']
 
 # %% ../nbs/07_grammar.ipynb
 def is_int(v) -> bool:
@@ -400,8 +400,8 @@ def track_token(tok: HIDTokenizer, spec) -> int:
         raise ValueError(f"unknown track {spec!r}: use drums, drums<kit>, a program 0-127 or one of {', '.join(PROGRAMS)}")
     return tok.vocab_index[f'#P{prog}']
 
-def _track_order(tok, header_id) -> int:
-    "The tokenizer's track order: drums, bass, harmony, melody."
+def track_rank(tok, header_id) -> int:
+    "The rank (int) of a track header id in the tokenizer's track order (drums, bass, harmony, melody ascending); equal ranks keep file order."
     name = tok.vocab[header_id]
     return track_class(0, True) if name.startswith('#D') else track_class(int(name[2:]), False)
 
@@ -413,14 +413,14 @@ def plan_from_scratch(tok: HIDTokenizer, tracks=('drums', 'bass', 'piano'), n_ba
     if not is_int(n_bars) or not 1 <= n_bars <= cfg.max_bars: raise ValueError(f"bars {n_bars!r}: 1..{cfg.max_bars} (the tokenizer's max_bars)")
     if not (isinstance(bpm, (int, float, np.number)) and cfg.min_bpm <= bpm <= cfg.max_bpm):
         raise ValueError(f"bpm {bpm!r}: {cfg.min_bpm:g}..{cfg.max_bpm:g} (the tokenizer's tempo range)")
-    heads = sorted((track_token(tok, t) for t in tracks), key=lambda h: _track_order(tok, h))
+    heads = sorted((track_token(tok, t) for t in tracks), key=lambda h: track_rank(tok, h))
     if not heads: raise ValueError("no tracks to write")
     header = [tok.bos_id, tok.vocab_index[f'TS_{ts}'], tok.ranges['bpm'][0] + int(tempo_bin(tok.config, bpm))]
     return Plan(header, [TrackPlan(h) for h in heads], n_bars)
 
 # %% ../nbs/07_grammar.ipynb
-def _split_tracks(tok, ids) -> tuple[list, list]:
-    "Global header and (header id, body after SEP) per track of an id stream."
+def split_tracks(tok, ids) -> tuple[list, list]:
+    "The global header (list of ids) and, per track, (header id, its body after SEP) of an id stream (EOS dropped)."
     ids = [i for i in np.asarray(ids).tolist() if i != tok.eos_id]
     starts = [k for k, i in enumerate(ids) if i in tok.ranges['program']] + [len(ids)]
     return ids[:starts[0]], [(ids[a], ids[a + 2:b]) for a, b in zip(starts[:-1], starts[1:])]
@@ -434,7 +434,7 @@ def plan_from_midi(tok: HIDTokenizer, src, prompt_bars: int | None = None, promp
     ids = tok.encode(src)
     # crop every track to its first bars (headers have bar -1); a track silent there keeps its place
     if crop: ids = ids[tok.annotate(ids)['bar'] < crop]
-    header, tracks = _split_tracks(tok, ids)
+    header, tracks = split_tracks(tok, ids)
     if prompt_tracks is not None:
         if not 1 <= prompt_tracks <= len(tracks): raise ValueError(f"{src}: prompt_tracks must be 1..{len(tracks)}, not {prompt_tracks}")
         tracks = tracks[:prompt_tracks]

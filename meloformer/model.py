@@ -47,12 +47,14 @@ class ModelConfig:
     block_size: int = 128                   # FlexAttention block size
     checkpointing: str = 'none'             # none | ffn | full
     norm_eps: float = 1e-6
+    infill_rate: float = 0.0                # share of training pieces rearranged for infilling (design/infill.md); 0: a continuation-only model
 
     def __post_init__(self):
         if isinstance(self.mask, dict): self.mask = MaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.mask.items()})
         if self.ffn_hidden is None: self.ffn_hidden = -(-8 * self.d_model // 3 // 64) * 64
         if self.rope not in ('seq', 'bar'): raise ValueError(f"rope must be 'seq' or 'bar', not {self.rope!r}")
         if self.checkpointing not in ('none', 'ffn', 'full'): raise ValueError(f"checkpointing must be none | ffn | full, not {self.checkpointing!r}")
+        if not 0 <= self.infill_rate <= 1: raise ValueError(f"infill_rate {self.infill_rate}: must be between 0 and 1")
 
     @classmethod
     def from_size(cls, name: str, **overrides) -> 'ModelConfig':

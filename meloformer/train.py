@@ -175,6 +175,8 @@ class TrainConfig:
     attn_backend: Backend = 'auto';         "auto: flex on CUDA, sdpa on CPU"
     mask_preset: Literal['museformer', 'meloformer', 'dense'] = 'museformer'; "which tokens attend to which (`MaskConfig.from_preset`)"
     transpose: int = 0;                     "random transposition of pitched tracks, +- semitones"
+    infill_rate: float = 0.0;               ("share of training pieces rearranged for infilling (random bar spans of random tracks, "
+                                             "sometimes whole tracks, filled after the piece; 0..1); the model records it")
     resume: str | None = None;              ("checkpoint file, run folder, or 'auto' (this --out_dir's run from its newest readable checkpoint, "
                                              "an unreadable one skipped with a warning; a fresh start in an empty folder); a named file "
                                              "that cannot be read exits 2")
@@ -220,10 +222,12 @@ def _check_counts(cfg: TrainConfig):
     for k in ('warmup_steps', 'num_workers'):
         v = getattr(cfg, k)
         if v is not None and v < 0: raise ValueError(f"--{k} {v}: must be 0 or more")
+    if not 0 <= cfg.infill_rate <= 1: raise ValueError(f"--infill_rate {cfg.infill_rate}: must be between 0 and 1 (the share of pieces rearranged for infilling)")
 
 # %% ../nbs/06_train.ipynb
 RUN_FIELDS = ('model_size', 'max_seq_len', 'transpose', 'seed', 'batch_size', 'gradient_accumulation_steps', 'phases',
-              'constant_samples', 'lr', 'min_lr_frac', 'warmup_steps', 'weight_decay', 'grad_clip', 'precision', 'mask_preset')
+              'constant_samples', 'lr', 'min_lr_frac', 'warmup_steps', 'weight_decay', 'grad_clip', 'precision', 'mask_preset',
+              'infill_rate')   # recorded only when > 0: runs made before infilling keep their fingerprint
 CADENCE_FIELDS = ('max_steps', 'epochs', 'eval_every', 'eval_batches', 'save_every', 'keep_checkpoints', 'num_workers', 'progress',
                   'max_bad_steps', 'out_dir', 'resume', 'overwrite', 'report_to', 'compile', 'recompile_limit', 'grad_checkpointing',
                   'attn_backend', 'device',
@@ -236,7 +240,7 @@ def run_settings(cfg, schedule=None, world_size: int | None = None, data: str | 
     (`ShardDataset.digest`): not the folder's path, so a moved copy is the same data and a rebuild with other content is not;
     `precision` is the one the run trains in (`fp32` or `bf16`: `--precision auto` resolved for the device), so that `auto`
     and the precision it stands for on the device are the same run, and `auto` on another device may not be."""
-    d = {k: getattr(cfg, k) for k in RUN_FIELDS}
+    d = {k: getattr(cfg, k) for k in RUN_FIELDS if k != 'infill_rate' or getattr(cfg, k, 0)}
     if precision is not None: d['precision'] = precision
     if data is not None: d['data'] = data
     if schedule is not None: d['phases'] = [{k: v for k, v in row.items() if k != 'num_workers'} for row in json.loads(schedule.to_json())]
@@ -383,15 +387,16 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         # data
         kw = dict(max_seq_len=cfg.max_seq_len)
-        if cfg.data_dir: self.train_ds, self.valid_ds = (ShardDataset(cfg.data_dir, s, transpose=cfg.transpose if s == 'train' else 0, **kw) for s in ('train', 'valid'))
-        else: self.train_ds, self.valid_ds = demo_dataset('train', transpose=cfg.transpose, **kw), demo_dataset('valid', **kw)
+        train_kw = dict(kw, transpose=cfg.transpose, infill_rate=cfg.infill_rate)      # augmentation and infilling: training rows only
+        if cfg.data_dir: self.train_ds, self.valid_ds = ShardDataset(cfg.data_dir, 'train', **train_kw), ShardDataset(cfg.data_dir, 'valid', **kw)
+        else: self.train_ds, self.valid_ds = demo_dataset('train', **train_kw), demo_dataset('valid', **kw)
         self.tok = self.train_ds.tok
         if len(self.valid_ds) == 0 and self.dist.main:
             print(f"{getattr(self.valid_ds, 'root', 'the corpus')}: no validation piece: no validation loss is measured or logged", file=sys.stderr)
         # model
         torch.manual_seed(cfg.seed)
         mcfg = ModelConfig.from_size(cfg.model_size, vocab_size=self.tok.vocab_size, mask=MaskConfig.from_preset(cfg.mask_preset),
-                                     attn_backend=cfg.attn_backend, checkpointing=cfg.grad_checkpointing)
+                                     attn_backend=cfg.attn_backend, checkpointing=cfg.grad_checkpointing, infill_rate=cfg.infill_rate)
         self.model = MeloFormer(mcfg).to(self.device)
         self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                      fused=cuda)
@@ -576,7 +581,7 @@ def _loader(self: Trainer, phase):
     from meloformer.data import Collate
     seq_len = phase.seq_len(self.cfg.max_seq_len)
     if self.seg_len is not None and seq_len != self.seg_len and (self.position or len(self.pieces_seen)):
-        done = EpochRest(self.train_ds.lengths, 1, self.seg_len, self.cfg.seed, self.epoch, seen=self.pieces_seen).rows()[:self.position]
+        done = EpochRest(self._view(self.seg_len).lengths, 1, self.seg_len, self.cfg.seed, self.epoch, seen=self.pieces_seen).rows()[:self.position]
         self.pieces_seen = np.union1d(self.pieces_seen, np.array([p for r in done for p in r], np.int64))
         self.position = 0
         if len(self.pieces_seen) >= len(self.train_ds): self.epoch, self.pieces_seen = self.epoch + 1, np.zeros(0, np.int64)
