@@ -13,7 +13,7 @@ import torch
 from fastcore.basics import patch
 from tqdm import tqdm
 
-from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS, TOKENIZER_FORMAT, LOSS_KINDS, report_losses, demo_midi_dir, sample_midi_dir
+from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS, TOKENIZER_FORMAT, FILL_SEGMENT_TOKENS, LOSS_KINDS, report_losses, demo_midi_dir, sample_midi_dir
 
 # %% auto 0
 __all__ = ['FORMAT_VERSION', 'MIDI_SUFFIXES', 'MIN_ROW_LEN', 'find_midi', 'piece_index', 'encode_file', 'write_shard',
@@ -544,7 +544,7 @@ def row(self: ShardDataset, pieces, seed: int | None = None, epoch: int = 0) -> 
     for p in pieces:
         rng = None if seed is None else np.random.default_rng([seed, epoch, int(p)])
         fill_rng = np.random.default_rng([seed, epoch, int(p), 1]) if rng is not None and self.infill_rate > 0 else None
-        infill = fill_rng is not None and fill_rng.random() < self.infill_rate and self.fill_room >= 3
+        infill = fill_rng is not None and fill_rng.random() < self.infill_rate and self.fill_room >= 2 + FILL_SEGMENT_TOKENS
         ids = self.crop(int(p), rng, self.max_seq_len - self.fill_room if infill else None)
         m = self.tok.annotate(ids)
         if self.transpose and rng is not None:
@@ -716,12 +716,12 @@ def draw_fills(meta: dict, rng: np.random.Generator, max_segments: int = 64) -> 
 @patch(as_prop=True)
 def fill_room(self: ShardDataset) -> int:
     "Tokens the packing plan adds to each piece with `infill_rate` > 0: `FILL_START`, `EOS` and up to `max_fills` fills."
-    return int(min(2 + min(self.max_fills, self.max_seq_len // 32), self.max_seq_len - MIN_ROW_LEN))
+    return int(min(2 + FILL_SEGMENT_TOKENS * min(self.max_fills, self.max_seq_len // 32), self.max_seq_len - MIN_ROW_LEN))
 
 @patch
 def _rearrange(self: ShardDataset, ids: np.ndarray, meta: dict, rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict]:
     "The infill stream (`tok.to_infill`) of the crop `ids` annotated as `meta`, within `size` tokens, and its metadata; `ids` unchanged if no fill fits."
-    fills = draw_fills(meta, rng, min(self.max_fills, size - len(ids) - (1 if ids[-1] == self.tok.eos_id else 2)))
+    fills = draw_fills(meta, rng, min(self.max_fills, (size - len(ids) - (1 if ids[-1] == self.tok.eos_id else 2)) // FILL_SEGMENT_TOKENS))
     if not fills: return ids, meta
     out = self.tok.to_infill(ids, fills)
     return out, self.tok.annotate(out)

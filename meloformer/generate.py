@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS
+from .tokenizer import HIDTokenizer, TokenizerConfig, TokenKind, MidiReadError, META_KEYS, FILL_SEGMENT_TOKENS
 from .model import MeloFormer, DecodeCache, load_pretrained
 from .grammar import Plan, Grammar, default_max_len, forced_prefix, is_int, plan_from_midi, plan_from_scratch
 from .grammar import track_token, track_rank, split_tracks
@@ -145,8 +145,8 @@ def _infill_setup(model: MeloFormer, tok: HIDTokenizer, infill, max_len, max_bar
     if not segments: raise ValueError("generate: infill: no segments to fill")
     x = tok.to_infill(ids, segments)
     prefix = x[:int(np.flatnonzero(x == tok.fill_start_id)[0]) + 1].tolist()
-    max_len = max_len or len(prefix) + len(segments) * (1 + 4 * (max_bar_notes or 32)) + 1
-    if max_len < len(prefix) + len(segments) + 1:
+    max_len = max_len or len(prefix) + len(segments) * (FILL_SEGMENT_TOKENS + 4 * (max_bar_notes or 32)) + 1   # header, bar token, notes
+    if max_len < len(prefix) + FILL_SEGMENT_TOKENS * len(segments) + 1:
         raise ValueError(f"generate: max_len {max_len}: the infill prompt has {len(prefix)} tokens, {len(segments)} fills follow")
     grammar = Grammar(tok, Plan(), max_len, max_bar_notes=max_bar_notes, infill=True)
     st = Grammar(tok, Plan(), max_len, infill=True).state()         # the prompt's bars may hold more than max_bar_notes
@@ -317,8 +317,8 @@ def _infill_request(tok: HIDTokenizer, ids, a) -> tuple[np.ndarray, list]:
     if a.infill_bars is not None or a.infill_tracks:
         bars = range(n_bars)
         if a.infill_bars is not None:
-            lo, _, hi = str(a.infill_bars).strip().partition('-')
-            if not (lo.isdigit() and (hi or lo).isdigit()): raise ValueError(f"--infill_bars {a.infill_bars!r}: bars as N or N-M, counted from 1")
+            lo, dash, hi = str(a.infill_bars).strip().partition('-')
+            if not lo.isdigit() or (dash and not hi.isdigit()): raise ValueError(f"--infill_bars {a.infill_bars!r}: bars as N or N-M, counted from 1")
             lo, hi = int(lo), int(hi or lo)
             if not 1 <= lo <= hi <= n_bars: raise ValueError(f"--infill_bars {a.infill_bars}: first <= last within 1..{n_bars} (the prompt's bars, counted from 1)")
             bars = range(lo - 1, hi)

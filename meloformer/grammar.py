@@ -198,9 +198,10 @@ class Phase(enum.Enum):
     VELOCITY = "After a note's duration: its velocity, the note's last token."
     TEMPO_AT = "After `@pos` (a tempo change inside a bar): its tempo `BPM_k`."
     DONE = "After `EOS`: only `PAD` (a finished row of a batch)."
-    FILL_BAR = "After `FILL_START` (an infill stream): the first fill's bar token."
+    FILL_BAR = "After `FILL_START` (an infill stream): the first fill's track header (the track of the first `FILL`)."
     FILL = ("In a fill, after its bar token or a whole note: a note's onset inside the bar of that fill's (track, bar), "
-            "the next fill's bar token, or `EOS` after the last fill.")
+            "the next fill's track header, or `EOS` after the last fill.")
+    FILL_CHORD = "In a fill, after its track header: its bar token."
 
 # %% ../nbs/07_grammar.ipynb
 class BarOpening(enum.IntEnum):
@@ -228,6 +229,7 @@ class GrammarState:
         self.last_at = 0                        # grid position of the last tempo change inside the bar (`@pos BPM`)
         self.meter, self.header_steps, self.forced = [], 16, []
         self.holders, self.fill, self.in_holder = [], None, False   # (track, bar) of each FILL; the fill written (None: the piece); a FILL's bar
+        self.headers = []                       # each track's header id, in stream order
 
     # tokens still needed to end the piece from the body of the current track, with `bars` done there of `n_bars`
     def _need(self, bars, n_bars) -> int:
@@ -257,7 +259,8 @@ def allowed(self: GrammarState) -> torch.Tensor:
         return g.one[tracks[self.track + 1].program] if tracks is not None else m['program']
     if phase is Phase.SEP: return g.one[g.sep]
     if phase is Phase.FIRST_BAR: return m['chord'] | g.one[g.fill] if g.infill else m['chord']
-    if phase is Phase.FILL_BAR: return m['chord']
+    if phase is Phase.FILL_BAR: return g.one[self.headers[self.holders[0][0]]]     # the first fill's track header
+    if phase is Phase.FILL_CHORD: return m['chord']
     if phase is Phase.FILL: return self._fill_allowed()
     if phase is Phase.PITCH: return m['pitch']
     if phase is Phase.DURATION: return m['dur']
@@ -312,7 +315,7 @@ def step(self: GrammarState, i: int) -> GrammarState:
         if self.n_header == 1: self.header_steps = g.bar_steps.get(i, 16)
         self.n_header += 1
         if self.n_header == 3: self.phase = Phase.TRACK_HEADER
-    elif phase is Phase.TRACK_HEADER: self.phase = Phase.SEP
+    elif phase is Phase.TRACK_HEADER: self.phase = Phase.SEP; self.headers.append(i)
     elif phase is Phase.SEP:
         self.track += 1; self.bars = 0; self.phase = Phase.FIRST_BAR
         tracks = g.plan.tracks
@@ -322,7 +325,7 @@ def step(self: GrammarState, i: int) -> GrammarState:
         if self.phase is Phase.BODY and self.fill is not None: self.phase = Phase.FILL       # a note of a fill
     elif phase is Phase.TEMPO_AT: self.phase, self.opening = Phase.BODY, BarOpening.TEMPO
     elif phase in (Phase.FIRST_BAR, Phase.BODY): self._step_body(i)
-    elif phase in (Phase.FILL_BAR, Phase.FILL): self._step_fill(i)
+    elif phase in (Phase.FILL_BAR, Phase.FILL_CHORD, Phase.FILL): self._step_fill(i)
     return self
 
 # %% ../nbs/07_grammar.ipynb
@@ -344,7 +347,7 @@ def _step_body(self: GrammarState, i: int):
         self.bar_notes += 1
     elif g.masks['program'][i]:
         if self.track == 0 and self.n_bars is None: self.n_bars = self.bars
-        self.phase = Phase.SEP
+        self.phase = Phase.SEP; self.headers.append(i)
     elif i in (g.eos, g.fill_start):
         if self.track == 0 and self.n_bars is None: self.n_bars = self.bars
         self.phase = Phase.DONE if i == g.eos else Phase.FILL_BAR
@@ -362,25 +365,26 @@ def accepts(self: Grammar, ids) -> bool:
 # %% ../nbs/07_grammar.ipynb
 @patch
 def _fill_allowed(self: GrammarState) -> torch.Tensor:
-    "Valid tokens in `Phase.FILL`: an onset inside the bar of the fill's (track, bar), the next fill's bar token, or `EOS` after the last."
+    "Valid tokens in `Phase.FILL`: an onset inside the bar of the fill's (track, bar), the next fill's track header, or `EOS` after the last."
     g, m = self.g, self.g.masks
     out = torch.zeros(g.V, dtype=torch.bool)
     _, bar = self.holders[self.fill]
     steps = self.meter[bar] if bar < len(self.meter) else self.meter[-1]      # track 0's meter of that bar
     rest = len(self.holders) - self.fill - 1                                    # fills still to open after this one
     room = g.max_bar_notes is None or self.bar_notes < g.max_bar_notes
-    if room and g.max_len - self.n >= 4 + rest + 1: out[g.onset0 + self.last_onset:g.onset0 + steps] = True
-    if rest: out |= m['chord']
+    if room and g.max_len - self.n >= 4 + 2 * rest + 1: out[g.onset0 + self.last_onset:g.onset0 + steps] = True
+    if rest: out[self.headers[self.holders[self.fill + 1][0]]] = True              # the next fill opens with its track's header
     else: out[g.eos] = True
     return out
 
 @patch
 def _step_fill(self: GrammarState, i: int):
-    "Move past token id `i` in `Phase.FILL_BAR` or `Phase.FILL`: a bar token opens the next fill, an onset a note, `EOS` ends."
+    "Move past token id `i` in `Phase.FILL_BAR`, `FILL_CHORD` or `FILL`: a track header opens the next fill, then its bar token, an onset a note, `EOS` ends."
     g = self.g
-    if g.masks['chord'][i]:
+    if g.masks['program'][i]:
         self.fill = 0 if self.fill is None else self.fill + 1
-        self.phase, self.last_onset, self.bar_notes = Phase.FILL, 0, 0
+        self.phase = Phase.FILL_CHORD
+    elif g.masks['chord'][i]: self.phase, self.last_onset, self.bar_notes = Phase.FILL, 0, 0
     elif g.masks['onset'][i]: self.last_onset, self.phase, self.bar_notes = i - g.onset0, Phase.PITCH, self.bar_notes + 1
     elif i == g.eos: self.phase = Phase.DONE
 

@@ -17,12 +17,12 @@ from huggingface_hub import ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import HFValidationError
 
 # %% auto 0
-__all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'BAR_CHANGES', 'META_KEYS', 'TOKENIZER_FILE', 'LOSS_KINDS',
-           'demo_midi_dir', 'sample_midi_dir', 'write_edge_midi', 'write_sample_midi', 'sample_midi', 'MidiReadError',
-           'TokenizerConfig', 'Track', 'Piece', 'read_piece', 'bar_grid', 'chords_per_bar', 'pitch_class_weight',
-           'track_class', 'round_half_up', 'velocity_bin', 'velocity_of_bin', 'tempo_bin', 'Layout', 'layout_piece',
-           'TokenKind', 'AnnotationState', 'hub_error', 'TokenizerHubMixin', 'HIDTokenizer', 'report_losses',
-           'fuzz_encode', 'seconds_at', 'bar_lines', 'round_trip_fidelity', 'tokenizer_parser', 'main']
+__all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'BAR_CHANGES', 'META_KEYS', 'TOKENIZER_FILE', 'FILL_SEGMENT_TOKENS',
+           'LOSS_KINDS', 'demo_midi_dir', 'sample_midi_dir', 'write_edge_midi', 'write_sample_midi', 'sample_midi',
+           'MidiReadError', 'TokenizerConfig', 'Track', 'Piece', 'read_piece', 'bar_grid', 'chords_per_bar',
+           'pitch_class_weight', 'track_class', 'round_half_up', 'velocity_bin', 'velocity_of_bin', 'tempo_bin',
+           'Layout', 'layout_piece', 'TokenKind', 'AnnotationState', 'hub_error', 'TokenizerHubMixin', 'HIDTokenizer',
+           'report_losses', 'fuzz_encode', 'seconds_at', 'bar_lines', 'round_trip_fidelity', 'tokenizer_parser', 'main']
 
 # %% ../nbs/00_tokenizer.ipynb
 def demo_midi_dir() -> Path:
@@ -765,14 +765,14 @@ def _annotate_piece(tok, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 # %% ../nbs/00_tokenizer.ipynb
 def _annotate_fills(tok, ids: np.ndarray, piece: dict, piece_ids: np.ndarray) -> dict[str, np.ndarray]:
-    "The metadata of the fills `ids` (from `FILL_START` on) after a piece `piece_ids` annotated as `piece`."
+    "The metadata of the fills `ids` (from `FILL_START` on) after a piece `piece_ids` annotated as `piece`: the k-th track header opens fill k."
     valid = (ids >= 0) & (ids < tok.vocab_size)
     safe = np.where(valid, ids, 0)
     kind = np.where(valid & (safe != tok.fill_id), tok._kind_of_id[safe], TokenKind.SPECIAL)   # a FILL here opens nothing
-    is_chord = kind == TokenKind.BAR
+    is_chord, is_prog = kind == TokenKind.BAR, valid & tok._is_program[safe]
     holder = np.flatnonzero((piece_ids == tok.fill_id) & (piece['track'] >= 0))              # the FILLs, in stream order
-    k = np.cumsum(is_chord) - 1                                                              # the fill each token is in
-    outside = (~valid | tok._is_bos_eos_pad[safe] | (kind == TokenKind.TRACK_HEADER) | (safe == tok.fill_id)
+    k = np.cumsum(is_prog) - 1                                                               # the fill each token is in
+    outside = (~valid | tok._is_bos_eos_pad[safe] | ((kind == TokenKind.TRACK_HEADER) & ~is_prog) | (safe == tok.fill_id)
                | (k < 0) | (k >= len(holder)))
     at = holder[np.clip(k, 0, max(len(holder) - 1, 0))] if len(holder) else np.zeros(len(ids), np.int64)
     track = np.where(outside, -1, piece['track'][at] if len(holder) else -1)
@@ -783,7 +783,7 @@ def _annotate_fills(tok, ids: np.ndarray, piece: dict, piece_ids: np.ndarray) ->
     note = np.where(is_note, note_base + np.cumsum(is_onset & (track >= 0)) - 1, -1)
     idx = np.arange(len(ids))
     last_onset = np.maximum.accumulate(np.where(is_onset, idx, -1))
-    last_boundary = np.maximum.accumulate(np.where(is_chord | (idx == 0) | (valid & tok._is_program[safe]), idx, -1))
+    last_boundary = np.maximum.accumulate(np.where(is_chord | (idx == 0) | is_prog, idx, -1))
     pos = np.where(is_note & (last_onset > last_boundary), (safe - tok.ranges['onset'][0])[np.maximum(last_onset, 0)], -1)
     return dict(track=track, bar=bar, seg=np.where(track >= 0, seg_base + k, -1), kind=kind, note=note, pos=pos,
                 fill=np.ones(len(ids), np.int64))
@@ -831,12 +831,13 @@ class AnnotationState:
                     note=self.n_onsets - 1 if is_note else -1, pos=self.last_onset if is_note else -1, fill=0)
 
     def _step_fill(self, i: int, valid: bool) -> dict[str, int]:
-        "`step` after `FILL_START`: the k-th bar token opens fill k, at the (track, bar) of the k-th FILL."
+        "`step` after `FILL_START`: the k-th track header opens fill k, at the (track, bar) of the k-th FILL."
         tok = self.tok
         kind = int(tok._kind_of_id[i]) if valid and i != tok.fill_id else int(TokenKind.SPECIAL)
-        if kind == TokenKind.BAR: self.fill += 1; self.last_onset = -1
-        if valid and tok._is_program[i]: self.last_onset = -1
-        outside = (not valid or tok._is_bos_eos_pad[i] or kind == TokenKind.TRACK_HEADER or i == tok.fill_id
+        is_prog = valid and bool(tok._is_program[i])
+        if is_prog: self.fill += 1
+        if is_prog or kind == TokenKind.BAR: self.last_onset = -1
+        outside = (not valid or tok._is_bos_eos_pad[i] or (kind == TokenKind.TRACK_HEADER and not is_prog) or i == tok.fill_id
                    or not 0 <= self.fill < len(self.holders))
         track, bar = (-1, -1) if outside else self.holders[self.fill]
         is_note = track >= 0 and kind <= TokenKind.VELOCITY
@@ -1009,36 +1010,52 @@ def _segment_of(tok, ids: np.ndarray, meta: dict) -> np.ndarray:
     "Per token, the (track, bar) segment id `seg` for tokens inside a bar (bar token, controls, notes), else -1."
     return np.where((meta['track'] >= 0) & (meta['bar'] >= 0), meta['seg'], -1)
 
+FILL_SEGMENT_TOKENS = 2     # tokens an infill stream adds per filled segment: its FILL and the track header that opens its fill
+
+def _fill_segments(segments) -> list[tuple[int, int]]:
+    "(track, bar) pairs of `segments`, integers, duplicates dropped, first order kept; `ValueError` naming a bad item."
+    out = {}
+    for s in segments:
+        try: t, b = s
+        except (TypeError, ValueError): raise ValueError(f"to_infill: segment {s!r} is not a pair (track, bar)") from None
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (t, b)):
+            raise ValueError(f"to_infill: segment {s!r}: track and bar must be integers")
+        out[int(t), int(b)] = None
+    return list(out)
+
 @patch
 def to_infill(self: HIDTokenizer, ids, segments) -> np.ndarray:
-    """The infill stream (int64) of a continuation stream `ids` with the segments `segments` (pairs (track, bar), 0-based)
-    to fill: each becomes `FILL` plus its control tokens, and its bar token and notes follow `FILL_START` in stream order,
-    then `EOS`. Length: `len(ids) + len(segments) + 1` (+1 more without a final `EOS`). `ValueError` for a stream that
-    already holds `FILL`/`FILL_START`, or a (track, bar) the stream does not have (named). Source: MMM (Ens & Pasquier, 2020)."""
+    """The infill stream (int64) of a continuation stream `ids` with the segments `segments` (pairs (track, bar), 0-based;
+    a repeated pair counts once) to fill: each becomes `FILL` plus its control tokens, and after `FILL_START` come the fills
+    in stream order, each its track's header, its bar token and its notes; then `EOS`. Length: `len(ids) + 2 * n + 1` for n
+    distinct segments (+1 more without a final `EOS`). `ValueError` for a stream that already holds `FILL`/`FILL_START`,
+    a segment that is not a pair of integers, or a (track, bar) the stream does not have (named). Source: MMM's bar fill
+    (Ens & Pasquier, 2020), with the track header as the fill's instrument token."""
     ids = _id_array(ids, self.vocab_size, 'to_infill')
+    segments = _fill_segments(segments)
     if np.isin(ids, [self.fill_id, self.fill_start_id]).any(): raise ValueError("to_infill: ids already hold FILL or FILL_START")
     m = self.annotate(ids)
     opens = np.flatnonzero((m['kind'] == TokenKind.BAR) & (m['track'] >= 0))
     where = {(int(t), int(b)): int(p) for t, b, p in zip(m['track'][opens], m['bar'][opens], opens)}
-    chosen = []
     for t, b in segments:
-        if (int(t), int(b)) not in where:
-            n_tracks = int(m['track'].max()) + 1
-            raise ValueError(f"to_infill: no segment (track {t}, bar {b}) in this stream ({n_tracks} tracks, bars 0..{int(m['bar'].max())})")
-        chosen.append(m['seg'][where[int(t), int(b)]])
-    moved = np.isin(_segment_of(self, ids, m), chosen) & ((m['kind'] <= TokenKind.VELOCITY) | (m['kind'] == TokenKind.BAR))
+        if (t, b) not in where:
+            n_tracks, n_bars = int(m['track'].max()) + 1 if len(ids) else 0, int(m['bar'].max()) + 1 if len(ids) else 0
+            raise ValueError(f"to_infill: no segment (track {t}, bar {b}) in this stream ({n_tracks} tracks, {n_bars} bars)")
+    at = np.sort([where[s] for s in segments]).astype(np.int64)                    # the bar tokens of the chosen segments
+    moved = np.isin(_segment_of(self, ids, m), m['seg'][at]) & ((m['kind'] <= TokenKind.VELOCITY) | (m['kind'] == TokenKind.BAR))
+    headers = ids[self._is_program[ids]]                                             # track t's header: headers[t]
     piece = ids.copy()
-    piece[[where[int(t), int(b)] for t, b in segments]] = self.fill_id
-    keep = ~moved | (piece == self.fill_id)
-    piece = piece[keep]
+    piece[at] = self.fill_id
+    piece = piece[~moved | (piece == self.fill_id)]
     if len(piece) and piece[-1] == self.eos_id: piece = piece[:-1]
-    return np.r_[piece, self.fill_start_id, ids[moved], self.eos_id].astype(np.int64)
+    fills = np.insert(ids[moved], np.searchsorted(np.flatnonzero(moved), at), headers[m['track'][at]])
+    return np.r_[piece, self.fill_start_id, fills, self.eos_id].astype(np.int64)
 
 @patch
 def merge_fills(self: HIDTokenizer, ids) -> np.ndarray:
     """The continuation stream (int64, ending in `EOS`) of an infill stream: each fill's bar token in place of its `FILL`,
     its notes after the segment's control tokens; a `FILL` without a fill becomes chord `N`, a fill's tokens other than
-    notes are dropped. `ids` without `FILL_START` come back unchanged. Ids must be in the vocabulary (`decode` filters)."""
+    its bar token and notes (its track header) are dropped. `ids` without `FILL_START` come back unchanged. Ids must be in the vocabulary (`decode` filters)."""
     ids = _id_array(ids, self.vocab_size, 'merge_fills')
     start = np.flatnonzero(ids == self.fill_start_id)
     if not len(start): return ids
