@@ -344,8 +344,16 @@ def plot_masks(meta: dict, presets=('museformer', 'meloformer', 'dense'), title:
     (column: the L regular tokens, then the S summary slots right of the red line when the preset has summaries);
     thin blue lines where the track changes; each title gives the attended share of the (L, L+S) grid. `meta`: dict
     of int64 tensors (B, L) with `track`, `bar`, `seg`, `kind` (optionally `doc`), as `meloformer.data.pad_rows`
-    makes; `title` goes above the panels. Returns the matplotlib `Figure` (open: show, save or close it)."""
+    makes, or of 1-D arrays (L,) as `HIDTokenizer.annotate` returns (taken as one row); `presets` one name or a
+    sequence of names; `title` goes above the panels. Returns the matplotlib `Figure` (open: show, save or close
+    it). `ValueError` for no presets or a `meta` without a row of at least one token."""
     import matplotlib.pyplot as plt                        # only for pictures: the package import stays light
+    if isinstance(presets, str): presets = (presets,)      # one name, not its letters
+    if not len(presets): raise ValueError("plot_masks: presets is empty; give one or more of 'museformer', 'meloformer', 'dense'")
+    meta = {k: (v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v), dtype=torch.int64)) for k, v in meta.items()}
+    meta = {k: v[None] if v.ndim == 1 else v for k, v in meta.items()}   # annotate's (L,) arrays: one row
+    if meta['track'].shape[0] == 0 or meta['track'].shape[1] == 0:
+        raise ValueError(f"plot_masks: meta has shape {tuple(meta['track'].shape)}; there is no token to draw in row 0")
     fig, axs = plt.subplots(1, len(presets), figsize=figsize, dpi=dpi, squeeze=False)
     track = meta['track'][0].cpu().numpy()
     for ax, preset in zip(axs[0], presets):

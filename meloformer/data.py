@@ -406,17 +406,31 @@ def transpose_ids(tok: HIDTokenizer, ids: np.ndarray, semitones: int, meta: dict
     return out, shift
 
 # %% ../nbs/01_data.ipynb
+def _token_arrays(where: str, d: dict) -> dict[str, np.ndarray]:
+    "The arrays of `d` as int64; `ValueError` naming `where` and the key for one not 1-D, not integer, or of another length."
+    out, first = {}, None
+    for k, v in d.items():
+        a = np.asarray(v)
+        if a.ndim != 1: raise ValueError(f"{where}: {k!r} is {a.ndim}-D; each key holds a 1-D array, one value per token")
+        if a.size and not np.issubdtype(a.dtype, np.integer): raise ValueError(f"{where}: {k!r} holds {a.dtype} values; token values are integers")
+        if first is not None and len(a) != len(out[first]):
+            raise ValueError(f"{where}: {k!r} has {len(a)} tokens, {first!r} has {len(out[first])}")
+        out[k], first = a.astype(np.int64), first or k
+    return out
+
 def pack_pieces(pieces: list[dict]) -> dict[str, np.ndarray]:
-    """One row from `pieces` (dicts of equal-length 1-D integer arrays with the same keys, `seg` among them: the
-    `META_KEYS` of `HIDTokenizer.annotate`, optionally `ids` and `labels`), concatenated in order into int64 arrays
+    """One row from `pieces` (dicts of equal-length 1-D integer arrays with the same keys, `seg` and `note` among them:
+    the `META_KEYS` of `HIDTokenizer.annotate`, optionally `ids` and `labels`), concatenated in order into int64 arrays
     of the summed length, plus `doc` (the piece's number 0, 1, ...). `seg` and `note` of each piece are offset past
-    the previous pieces' largest (-1, outside any segment or note, stays -1). `ValueError` for no pieces or pieces
-    whose keys differ."""
+    the previous pieces' largest (-1, outside any segment or note, stays -1). `ValueError` for no pieces, pieces
+    whose keys differ, a piece without `seg` or `note`, or one whose arrays are not 1-D integers of one length."""
     if not pieces: raise ValueError("pack_pieces: no pieces to pack")
     keys, parts, base = list(pieces[0]), [], {'seg': 0, 'note': 0}
     for d, p in enumerate(pieces):
         if list(p) != keys: raise ValueError(f"pack_pieces: piece {d} has keys {list(p)}, piece 0 has {keys}")
-        part = {k: np.asarray(v, np.int64) for k, v in p.items() if k != 'doc'}
+        for k in base:
+            if k not in p: raise ValueError(f"pack_pieces: piece {d} has no {k!r} (the metadata of HIDTokenizer.annotate)")
+        part = _token_arrays(f"pack_pieces: piece {d}", {k: v for k, v in p.items() if k != 'doc'})
         for k in base.keys() & part.keys():
             part[k] = np.where(part[k] >= 0, part[k] + base[k], -1)
             base[k] = max(base[k], int(part[k].max(initial=-1)) + 1)
@@ -424,20 +438,27 @@ def pack_pieces(pieces: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 def pad_rows(rows: list[dict], length: int | None = None, pad_id: int | None = None) -> dict[str, torch.Tensor]:
-    """`rows` (dicts of 1-D arrays, as `pack_pieces` or `annotate` make) padded on the right, or cut, to `length`
-    tokens (default: the longest row) and stacked into int64 tensors `(len(rows), length)`, one per key of the first
-    row, and `doc`. Fills: `ids` `pad_id`, `labels` -100, `doc` and every other key -1; a row without `doc` is one
-    document (doc 0). `ValueError` for no rows, or rows with `ids` and no `pad_id`."""
+    """`rows` (dicts of equal-length 1-D integer arrays with the same keys, as `pack_pieces` or `annotate` make) padded
+    on the right, or cut, to `length` tokens (default: the longest row) and stacked into int64 tensors
+    `(len(rows), length)`, one per key, and `doc`. Fills: `ids` `pad_id`, `labels` -100, `doc` and every other key -1;
+    a row without `doc` is one document (doc 0). `ValueError` for no rows, a `length` that is not an int >= 0, rows
+    with `ids` and no `pad_id`, rows whose keys (but `doc`) differ, or a row whose arrays are not 1-D integers of one length."""
     if not rows: raise ValueError("pad_rows: no rows")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0):
+        raise ValueError(f"pad_rows: length {length!r} is not an int >= 0")
+    rows = [_token_arrays(f"pad_rows: row {i}", r) for i, r in enumerate(rows)]
     keys = list(dict.fromkeys([*rows[0], 'doc']))
+    for i, r in enumerate(rows):
+        if set(r) - {'doc'} != set(keys) - {'doc'}: raise ValueError(f"pad_rows: row {i} has keys {list(r)}, row 0 has {list(rows[0])}")
     if 'ids' in keys and pad_id is None: raise ValueError("pad_rows: the rows hold ids; give pad_id (the tokenizer's pad_id)")
-    length = max(len(r['seg']) for r in rows) if length is None else length
+    lengths = [len(next(iter(r.values()), ())) for r in rows]
+    length = max(lengths) if length is None else int(length)
     fills = {'ids': pad_id, 'labels': -100}
     batch = {}
     for key in keys:
         a = np.full((len(rows), length), fills.get(key, -1), np.int64)
         for i, r in enumerate(rows):
-            v = r[key] if key in r else np.zeros(len(r['seg']), np.int64)
+            v = r[key] if key in r else np.zeros(lengths[i], np.int64)
             a[i, :len(v)] = v[:length]
         batch[key] = torch.from_numpy(a)
     return batch

@@ -51,7 +51,10 @@ class MemoryTracker:
         self._current = dict(phase=phase, t0=time.perf_counter())
 
     def peek(self, steps: int | None = None) -> dict | None:
-        "The open row with this phase's peaks so far (MiB), as `stop` would close it now; the row stays open. None: no open row."
+        """The open row with this phase's peaks so far (MiB), as `stop` would close it now; the row stays open. None: no
+        open row. `steps` (the steps the phase ran) is None or an int >= 0; `ValueError` otherwise."""
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0):
+            raise ValueError(f"MemoryTracker: steps must be None or an int >= 0, not {steps!r}")
         if not self._current: return None
         cur = self._current
         row = dict(phase=cur['phase'], device=self.device, steps=steps, seconds=round(time.perf_counter() - cur['t0'], 2),
@@ -63,7 +66,7 @@ class MemoryTracker:
         return row
 
     def stop(self, steps: int | None = None) -> dict | None:
-        "Close the open row with this phase's peaks (MiB) and return it; None: no open row."
+        "Close the open row with this phase's peaks (MiB) and return it; None: no open row. `steps` as for `peek`."
         row = self.peek(steps)
         if row is not None: self._current = None; self.rows.append(row)
         return row

@@ -941,19 +941,24 @@ class HIDTokenizer(TokenizerHubMixin):
     def __repr__(self): return f"HIDTokenizer(vocab_size={self.vocab_size}, {self.config})"
 
 # %% ../nbs/00_tokenizer.ipynb
+def _vocab_ids(ids, vocab_size: int, what: str) -> np.ndarray:
+    "ids of any shape as int64; `ValueError` (naming `what`) for values that are not integers or lie outside 0..vocab_size-1."
+    a = np.asarray(ids)
+    if a.size and a.dtype.kind not in 'iu': raise ValueError(f"{what}: ids must be integers, not {a.dtype}")
+    a = a.astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() >= vocab_size): raise ValueError(f"{what}: ids must be in 0..{vocab_size - 1}, got {int(a.min())}..{int(a.max())}")
+    return a
+
 @patch
 def kind_of(self: HIDTokenizer, ids) -> np.ndarray:
-    "The `TokenKind` of each id of `ids` (any shape of ints in 0..vocab_size-1) as an int64 array of the same shape; `ValueError` for an id outside the vocabulary."
-    a = np.asarray(ids, np.int64)
-    if a.size and (a.min() < 0 or a.max() >= self.vocab_size): raise ValueError(f"kind_of: ids must be in 0..{self.vocab_size - 1}, got {int(a.min())}..{int(a.max())}")
-    return self._kind_of_id[a].astype(np.int64)
+    """The `TokenKind` of each id of `ids` (any shape of ints in 0..vocab_size-1) as an int64 array of the same shape;
+    `ValueError` for an id outside the vocabulary or one that is not an integer (a float id is not truncated)."""
+    return self._kind_of_id[_vocab_ids(ids, self.vocab_size, 'kind_of')].astype(np.int64)
 
 @patch
 def is_program(self: HIDTokenizer, ids) -> np.ndarray:
     "Whether each id of `ids` (any shape, in 0..vocab_size-1) is a track header's program token (`#P..`, `#D..`): bool array of the same shape."
-    a = np.asarray(ids, np.int64)
-    if a.size and (a.min() < 0 or a.max() >= self.vocab_size): raise ValueError(f"is_program: ids must be in 0..{self.vocab_size - 1}, got {int(a.min())}..{int(a.max())}")
-    return self._is_program[a]
+    return self._is_program[_vocab_ids(ids, self.vocab_size, 'is_program')]
 
 @patch
 def program_of(self: HIDTokenizer, header_id: int) -> tuple[int, bool]:
