@@ -1056,6 +1056,7 @@ def to_infill(self: HIDTokenizer, ids, segments) -> np.ndarray:
     fills = np.insert(ids[moved], np.searchsorted(np.flatnonzero(moved), at), headers[m['track'][at]])
     return np.r_[piece, self.fill_start_id, fills, self.eos_id].astype(np.int64)
 
+# %% ../nbs/00_tokenizer.ipynb
 @patch
 def merge_fills(self: HIDTokenizer, ids) -> np.ndarray:
     """The continuation stream (int64, ending in `EOS`) of an infill stream: each fill's bar token in place of its `FILL`,
