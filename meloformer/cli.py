@@ -5,7 +5,9 @@
 # %% ../nbs/11_cli.ipynb 3
 from __future__ import annotations
 import dataclasses, functools, re, sys, types, typing
+from pathlib import Path
 from typing import Literal, Union
+from fastcore.basics import patch
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 # %% auto 0
@@ -35,6 +37,11 @@ def _list_item(hint):
 # %% ../nbs/11_cli.ipynb
 def _is_bool(hint) -> bool: return hint is bool or set(typing.get_args(hint)) == {bool, type(None)}
 
+def _choices(hint) -> str | None:
+    "`{a,b}` for `Literal['a', 'b'] | None` (the usage line jsonargparse writes for a plain `Literal`); None for any other annotation."
+    lits = [a for a in typing.get_args(hint) if typing.get_origin(a) is Literal] if typing.get_origin(hint) in (Union, types.UnionType) else []
+    return '{' + ','.join(map(str, typing.get_args(lits[0]))) + '}' if len(lits) == 1 else None
+
 class ConfigParser(ArgumentParser):
     """The command line of the config dataclass `config_class`: a flag per field (a `positional` field by place) with
     the field's type, `Literal` choices, default and help (`field_docs`); a bool field as `--flag` / `--no-flag`;
@@ -51,13 +58,13 @@ class ConfigParser(ArgumentParser):
             elif _is_bool(hint): self.add_argument(f'--{f.name}', action=ActionYesNo(no_prefix='no-'), **kw); self.flags.add(f.name)
             elif (item := _list_item(hint)) is not None:
                 self.add_argument(f'--{f.name}', type=item, nargs='+' if required else '*', required=required, **kw)
-            else: self.add_argument(f'--{f.name}', type=hint, required=required, **kw)
+            else: self.add_argument(f'--{f.name}', type=hint, required=required, **kw, **({'metavar': m} if (m := _choices(hint)) else {}))
         self.add_argument('--config', action=ActionConfigFile, help="a YAML file of settings, as --print_config prints them; flags after it override it")
 
     def parse_args(self, args=None, *a, **kw):
         "jsonargparse's `parse_args`, with `--no_flag` read as `--no-flag` (the spelling of earlier releases)."
         args = sys.argv[1:] if args is None else list(args)
-        args = [f'--no-{x[5:]}' if x.startswith('--no_') and x[5:] in self.flags else x for x in args]
+        self._argv = args = [f'--no-{x[5:]}' if x.startswith('--no_') and x[5:] in self.flags else x for x in args]
         return super().parse_args(args, *a, **kw)
 
     def parse_config(self, args=None):
@@ -76,10 +83,24 @@ class ConfigParser(ArgumentParser):
             value = re.findall(r'(?:Given|Got) value: (.*)', message)
             return f"--{key.group(1)} {value[-1].strip() if value else ''}: expected {describe(self.hints[key.group(1)])}"
         if key: return f"--{key.group(1)}: {' '.join(key.group(2).split())}"
+        if message.startswith('Unexpected config'): return self._bad_config()
         if missing := re.fullmatch(r'the following arguments are required: (.*)', message.strip()):   # names as they are typed
             return 'the following arguments are required: ' + ', '.join(
                 k if k in self.positional or k not in self.hints else f'--{k}' for k in missing.group(1).split(', '))
         return ' '.join(message.split())
+
+# %% ../nbs/11_cli.ipynb
+@patch
+def _bad_config(self: ConfigParser) -> str:
+    "The reason jsonargparse's 'Unexpected config' (a `--config` file that is empty or not a mapping of settings) stands for."
+    import yaml
+    for k, x in enumerate(self._argv):
+        f = self._argv[k + 1] if x == '--config' and k + 1 < len(self._argv) else x[9:] if x.startswith('--config=') else None
+        try: data = yaml.safe_load(Path(f).read_text()) if f else {}
+        except (OSError, yaml.YAMLError): continue
+        if not isinstance(data, dict):
+            return f"--config {f}: {'an empty file' if data is None else f'a {type(data).__name__}, not a mapping'}; it holds settings as name: value lines"
+    return "--config: not a mapping of settings (name: value lines)"
 
 # %% ../nbs/11_cli.ipynb
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)

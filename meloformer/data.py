@@ -788,6 +788,10 @@ def print_losses(losses: dict, file=None):
 @cli_main
 def main(argv=None) -> int:
     args = data_parser().parse_config(argv)
+    if args.workers < 0: raise ValueError(f"--workers {args.workers}: must be 0 or more (0: tokenize in this process)")
+    src = Path(args.src)
+    if src.is_dir() and next((p for p in src.rglob('*') if p.suffix.lower() in MIDI_SUFFIXES and p.is_file()), None) is None:
+        raise FileNotFoundError(f"{args.src}: no .mid or .midi file in this folder (searched recursively)")
     res = build_corpus(args.src, args.out, args.workers, args.valid_frac, args.seed, args.files_per_shard,
                        args.num_shards, args.shard_index, progress=args.progress, checksum=args.checksum)
     for f, reason in res['skipped_files']: print(f"skipped {_printable(f)}: {reason}", file=sys.stderr)
@@ -803,7 +807,7 @@ def main(argv=None) -> int:
     if not res['complete'] and res['missing']:
         print(f"incomplete: {len(res['missing'])} shard(s) missing ({', '.join(res['missing'][:3])}{' ...' if len(res['missing']) > 3 else ''}); "
               f"build them with the other --shard_index values, copy them in, then finish with `{_build_command(res, args.out)}`", file=sys.stderr)
-    if n_pieces == 0: print("error: no file could be processed", file=sys.stderr); return 1
+    if n_pieces == 0: print(f"error: {args.src}: no file could be processed (each skipped, as listed above)", file=sys.stderr); return 2
     return 0
 
 # %% ../nbs/01_data.ipynb

@@ -115,10 +115,18 @@ def evaluate_parser() -> ConfigParser:
     return ConfigParser(EvaluateConfig, prog='python -m meloformer.evaluate',
                         description="Validation perplexity and music metrics of generated samples, one row per checkpoint.")
 
+def _check_args(a: EvaluateConfig):
+    "`ValueError` naming the flag for a count or a sampling setting out of its range (before any checkpoint is loaded)."
+    for name, least in (('num_samples', 1), ('bars', 1), ('max_seq_len', 5), ('max_batches', 0)):
+        if getattr(a, name) < least: raise ValueError(f"--{name} must be >= {least}, not {getattr(a, name)}")
+    if a.temperature < 0: raise ValueError(f"--temperature must be >= 0, not {a.temperature}")
+    if not 0 < a.top_p <= 1: raise ValueError(f"--top_p must be in (0, 1], not {a.top_p}")
+
 @cli_main
 def main(argv=None) -> int:
     from meloformer.data import ShardDataset
     a = evaluate_parser().parse_config(argv)
+    _check_args(a)
     device = resolve_device(a.device)[0]                                  # --device cuda without CUDA: ValueError
     dataset = ShardDataset(a.data_dir, 'valid', max_seq_len=a.max_seq_len) if a.data_dir else demo_dataset('valid', max_seq_len=a.max_seq_len)
     if len(dataset) == 0: raise ValueError(f"{a.data_dir}: the validation split is empty")

@@ -305,6 +305,15 @@ def _check_args(a):
     if flags and a.prompt is None: raise ValueError(f"--{flags[0]} needs --prompt (the piece to fill)")
     clash = [f for f in ('prompt_bars', 'prompt_tracks', 'bars', 'tracks') if flags and getattr(a, f)]
     if clash: raise ValueError(f"--{clash[0]} with --{flags[0]}: infilling keeps the whole prompt (use --add_track for new tracks)")
+    _check_out(Path(a.out))
+
+def _check_out(out: Path):
+    "`ValueError` naming --out when its folder cannot be made or written in: checked before sampling, which can take minutes."
+    import tempfile
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'): pass
+    except OSError as e: raise ValueError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e})") from None
 
 # %% ../nbs/09_generate.ipynb
 def _infill_request(tok: HIDTokenizer, ids, a) -> tuple[np.ndarray, list]:

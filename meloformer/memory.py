@@ -326,9 +326,12 @@ def default_budget_gb(device: str) -> float:
 def _status_mb_meminfo(key):
     return int(re.search(rf'{key}:\s+(\d+)', Path('/proc/meminfo').read_text()).group(1)) / 1024
 
-def _ints(flag: str, text: str) -> list[int]:
-    try: return [int(x) for x in text.split(',')]
+def _ints(flag: str, text: str, least: int = 1, why: str = '') -> list[int]:
+    "The comma-separated integers of `--flag text`; `ValueError` naming the flag for a word or a value below `least`."
+    try: values = [int(x) for x in text.split(',')]
     except ValueError: raise ValueError(f"--{flag} {text!r}: expected comma-separated integers") from None
+    if min(values) < least: raise ValueError(f"--{flag} {text!r}: each value at least {least}{why}")
+    return values
 
 # %% ../nbs/05_memory.ipynb
 @cli_main
@@ -337,8 +340,10 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
     from meloformer.model import ModelConfig, resolve_device
     from meloformer.tokenizer import HIDTokenizer
+    from meloformer.data import MIN_ROW_LEN
     a = memory_parser().parse_config(argv)
-    sizes, lens, batches = a.model_size.split(','), _ints('seq_lens', a.seq_lens), _ints('batch_sizes', a.batch_sizes)
+    lens = _ints('seq_lens', a.seq_lens, MIN_ROW_LEN, " (MIN_ROW_LEN, the shortest row: BOS, meter, tempo, a track's header and SEP)")
+    sizes, batches = a.model_size.split(','), _ints('batch_sizes', a.batch_sizes)
     for s in sizes: ModelConfig.from_size(s)
     # a GPU machine checks the device it is asked for; elsewhere --device cuda plans for one (estimated)
     device, precision, backend = resolve_device(a.device, a.precision, a.attn_backend, check=torch.cuda.is_available())

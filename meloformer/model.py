@@ -20,7 +20,7 @@ from safetensors.torch import save_model, load_model
 from fastcore.basics import patch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
-from .tokenizer import TokenKind, META_KEYS, HIDTokenizer, TOKENIZER_FILE, hub_error
+from .tokenizer import TokenKind, META_KEYS, HIDTokenizer, TOKENIZER_FILE, hub_error, hub_lookup, saved_folder
 from .attention import MaskConfig, MaskMeta, AttnMasks, SummaryAttention, build_masks
 from .attention import KVCache, cached_masks
 
@@ -75,21 +75,22 @@ ModelSize = Literal[tuple(_SIZES)]              # the size table's names: tiny |
 Precision = Literal['auto', 'fp32', 'bf16']
 Backend = Literal['auto', 'flex', 'sdpa']
 
-def resolve_device(device: str = 'auto', precision: str = 'auto', backend: str = 'auto', check: bool = True) -> tuple[torch.device, str, str]:
+def resolve_device(device: str = 'auto', precision: str = 'auto', backend: str = 'auto', check: bool = True,
+                  name: str = '--device') -> tuple[torch.device, str, str]:
     """Where and how a run computes: `(torch.device, 'fp32' | 'bf16', 'flex' | 'sdpa')`. `device`: 'auto' (CUDA when
     present, else the CPU), 'cpu', 'cuda', 'cuda:N' or another `torch.device` string; a CUDA device this machine lacks is
-    a `ValueError` naming it, unless `check=False` (planning for another machine). `precision` 'auto': bf16 on CUDA (fp32
+    a `ValueError` naming it (as `name`, the flag or argument it came from), unless `check=False` (planning for another machine). `precision` 'auto': bf16 on CUDA (fp32
     on a GPU without bf16), fp32 elsewhere. `backend` 'auto': flex on CUDA, sdpa elsewhere (`resolve_backend`)."""
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try: dev = torch.device(device)
-    except (RuntimeError, TypeError): raise ValueError(f"--device {device!r}: not a device (auto, cpu, cuda or cuda:N)") from None
-    if dev.type not in ('cpu', 'cuda'): raise ValueError(f"--device {device!r}: MeloFormer runs on cpu, cuda or cuda:N, not {dev.type}")
+    except (RuntimeError, TypeError): raise ValueError(f"{name} {device!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if dev.type not in ('cpu', 'cuda'): raise ValueError(f"{name} {device!r}: MeloFormer runs on cpu, cuda or cuda:N, not {dev.type}")
     if check and dev.type == 'cuda':
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}"
-                             f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu or auto")
+            raise ValueError(f"{name} {device}: this machine has no CUDA device (torch {torch.__version__}"
+                             f"{'' if torch.version.cuda else ', a CPU-only build'}); use {name} cpu or auto")
         if (dev.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if precision == 'auto':
         precision = 'bf16' if dev.type == 'cuda' and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else 'fp32'
     if precision not in ('fp32', 'bf16'): raise ValueError(f"--precision {precision!r}: use auto, fp32 or bf16")
@@ -230,10 +231,12 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin, library_name='meloformer', lic
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, map_location='cpu', strict: bool = True, **hub_kwargs) -> 'MeloFormer':
         """A saved model, in eval mode on `map_location`, from a `save_pretrained` folder, a training run folder (its `model/`)
-        or a Hub repository id (`hub_kwargs`: the mixin's `revision`, `token`, `cache_dir`, `local_files_only`, ...)."""
-        source = _model_source(pretrained_model_name_or_path)
-        try: return super().from_pretrained(source, map_location=str(map_location), strict=strict, **hub_kwargs)
-        except (HFValidationError, EntryNotFoundError, HfHubHTTPError) as e: raise _not_found(pretrained_model_name_or_path, e) from None
+        or a Hub repository id (`hub_kwargs`: the mixin's `revision`, `token`, `cache_dir`, `local_files_only`, ...; `hub_lookup`).
+        `ValueError` for a `map_location` this machine lacks (`resolve_device`), `NotADirectoryError` for a file."""
+        map_location = str(resolve_device(str(map_location), name='map_location')[0])
+        source, hub_kwargs = _model_source(pretrained_model_name_or_path, hub_kwargs)
+        try: return super().from_pretrained(source, map_location=map_location, strict=strict, **hub_kwargs)
+        except (HFValidationError, EntryNotFoundError, HfHubHTTPError) as e: raise _not_found(pretrained_model_name_or_path, hub_error(e)) from None
         except json.JSONDecodeError as e: raise ValueError(f"{source}/config.json: not a model config ({e})") from None
 
     @classmethod
@@ -274,10 +277,11 @@ MODEL_FILES = ('config.json', 'model.safetensors')           # what save_pretrai
 CHECKPOINT_FILES = MODEL_FILES + (TOKENIZER_FILE,)           # a training run's model/: the model and its tokenizer
 
 def checkpoint_dir(path, files=CHECKPOINT_FILES) -> Path:
-    """The model folder of a training run (`RUN/model`) or a `save_pretrained` folder itself, holding `files`;
-    `ValueError` naming `path` and the missing files otherwise."""
+    """The model folder of a training run (`RUN/model`, `saved_folder`) or a `save_pretrained` folder itself, holding `files`;
+    `NotADirectoryError` for a file (saying what to give instead), `ValueError` naming `path` and the missing files otherwise."""
     p = Path(path)
-    if (p/'model'/'config.json').is_file(): p = p/'model'
+    if p.is_file(): raise NotADirectoryError(_a_file(p))
+    p = saved_folder(p, 'config.json')
     missing = [f for f in files if not (p/f).is_file()]
     if missing: raise ValueError(f"{path}: not a checkpoint folder (missing {', '.join(missing)}; give a training run folder or its model/)")
     return p
@@ -288,12 +292,20 @@ def load_pretrained(path_or_hub_id, device='cpu', **hub_kwargs) -> tuple[MeloFor
     source = str(checkpoint_dir(path_or_hub_id)) if Path(path_or_hub_id).exists() else str(path_or_hub_id)
     return MeloFormer.from_pretrained(source, map_location=device, **hub_kwargs), HIDTokenizer.from_pretrained(source, **hub_kwargs)
 
-def _model_source(path) -> str:
-    "A local folder, checked (a run's model/ found), or, where nothing exists at `path`, the text as a Hub repository id."
-    return str(checkpoint_dir(path, MODEL_FILES)) if Path(path).exists() else str(path)
+def _model_source(path, hub_kwargs: dict) -> tuple[str, dict]:
+    "A local folder, checked (a run's model/ found), or, where nothing exists at `path`, the text as a Hub repository id (`hub_lookup`)."
+    if Path(path).exists(): return str(checkpoint_dir(path, MODEL_FILES)), hub_kwargs
+    return str(path), hub_lookup(str(path), lambda why: _not_found(path, why), **hub_kwargs)
 
-def _not_found(path, e) -> FileNotFoundError:
-    return FileNotFoundError(f"{path}: not a checkpoint folder (no such folder), nor a model on the Hugging Face Hub ({hub_error(e)})")
+def _not_found(path, why: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{path}: not a checkpoint folder (no such folder), nor a model on the Hugging Face Hub ({why})")
+
+def _a_file(p: Path) -> str:
+    "What to give instead of the file `p` where a checkpoint folder is read."
+    if p.suffix != '.pt': return f"{p}: a file, not a checkpoint folder; give the folder that holds it ({p.parent}), a training run folder or its model/"
+    done = (p.parent/'model'/'config.json').is_file()
+    return (f"{p}: a training checkpoint (the state --resume reads), not a model; " + (f"load its run folder {p.parent} (its model/)" if done else
+            f"its run has no model/ yet: finish it with `python -m meloformer.train --resume {p}`, which writes {p.parent/'model'}"))
 
 def _write_atomic(path: Path, write):
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}'); write(tmp); os.replace(tmp, path)
@@ -312,7 +324,7 @@ def _load_model_files(cls, model_id: str, config: dict | None, map_location: str
     if os.path.isdir(model_id): weights = os.path.join(model_id, 'model.safetensors')
     else:
         try: weights = hf_hub_download(model_id, 'model.safetensors', **hub)
-        except (HFValidationError, EntryNotFoundError, HfHubHTTPError) as e: raise _not_found(model_id, e) from None
+        except (HFValidationError, EntryNotFoundError, HfHubHTTPError) as e: raise _not_found(model_id, hub_error(e)) from None
     with torch.device(map_location): model = cls(cfg)          # built where it will run: no copy of the weights
     try: missing, unexpected = load_model(model, weights, strict=False, device=map_location)
     except SafetensorError as e: raise ValueError(f"{weights}: unreadable weights ({e})") from None

@@ -21,8 +21,9 @@ __all__ = ['QUALITIES', 'PITCH_CLASSES', 'TOKENIZER_FORMAT', 'BAR_CHANGES', 'MET
            'LOSS_KINDS', 'demo_midi_dir', 'sample_midi_dir', 'write_edge_midi', 'write_sample_midi', 'sample_midi',
            'MidiReadError', 'TokenizerConfig', 'Track', 'Piece', 'read_piece', 'bar_grid', 'chords_per_bar',
            'pitch_class_weight', 'track_class', 'round_half_up', 'velocity_bin', 'velocity_of_bin', 'tempo_bin',
-           'Layout', 'layout_piece', 'TokenKind', 'AnnotationState', 'hub_error', 'TokenizerHubMixin', 'HIDTokenizer',
-           'report_losses', 'fuzz_encode', 'seconds_at', 'bar_lines', 'round_trip_fidelity', 'tokenizer_parser', 'main']
+           'Layout', 'layout_piece', 'TokenKind', 'AnnotationState', 'hub_error', 'hub_offline', 'hub_lookup',
+           'saved_folder', 'TokenizerHubMixin', 'HIDTokenizer', 'report_losses', 'fuzz_encode', 'seconds_at',
+           'bar_lines', 'round_trip_fidelity', 'tokenizer_parser', 'main']
 
 # %% ../nbs/00_tokenizer.ipynb
 def demo_midi_dir() -> Path:
@@ -851,10 +852,46 @@ class AnnotationState:
 TOKENIZER_FILE = 'tokenizer.json'
 
 def hub_error(e: Exception) -> str:
-    "The reason of an error from the Hugging Face Hub client in one line (its messages run over several)."
+    "The reason of an error from the Hugging Face Hub client in one line (its messages run over several); why the Hub was not asked, if it was not."
     if isinstance(e, HFValidationError): return "not of the form owner/name"
+    if type(e).__name__ == 'LocalEntryNotFoundError' and (why := hub_offline(probe=False)):
+        return f"LocalEntryNotFoundError: not in the Hub's local cache, and the Hub was not asked: {why}"
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+# %% ../nbs/00_tokenizer.ipynb
+_HUB_ID = re.compile(r'[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*')
+_PROBES = {}                                       # (host, port) -> (time.monotonic() of the probe, why unreachable or None)
+
+def hub_offline(timeout: float = 3.0, probe: bool = True) -> str | None:
+    """Why the Hugging Face Hub cannot be asked now, or None: `HF_HUB_OFFLINE` is set, or its host does not answer a TCP
+    connection within `timeout` seconds (remembered for a minute; not tried behind a proxy, nor with `probe=False`)."""
+    import socket, time, urllib.parse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE'): return 'HF_HUB_OFFLINE is set'
+    if any(os.environ.get(k) for k in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')): return None
+    url = urllib.parse.urlsplit(constants.ENDPOINT); host = (url.hostname, url.port or (80 if url.scheme == 'http' else 443))
+    when, why = _PROBES.get(host, (float('-inf'), None))
+    if probe and time.monotonic() - when > 60:
+        try: socket.create_connection(host, timeout=timeout).close(); why = None
+        except OSError as e: why = f"{host[0]}:{host[1]} cannot be reached ({e.strerror or e or type(e).__name__})"
+        _PROBES[host] = time.monotonic(), why
+    return why
+
+def hub_lookup(name: str, not_found, **hub_kwargs) -> dict:
+    """The `hub_kwargs` with which to fetch `name`, where nothing exists locally, from the Hugging Face Hub. A `name` that
+    reads as a local path (not `owner/name`, or its `owner` is a folder here) raises `not_found(reason)` at once, without
+    asking the Hub; where the Hub cannot be asked (`hub_offline`) the fetch reads its local cache alone (`local_files_only`),
+    at once, instead of the client's 25 s of retries."""
+    owner = name.split('/')[0]
+    if not _HUB_ID.fullmatch(name) or '..' in name or '--' in name: raise not_found("not of the form owner/name")
+    if os.path.isdir(owner): raise not_found(f"no {name[len(owner) + 1:]} in the folder {owner}")
+    return hub_kwargs if hub_kwargs.get('local_files_only') or not hub_offline() else dict(hub_kwargs, local_files_only=True)
+
+def saved_folder(path, marker: str = TOKENIZER_FILE) -> Path:
+    "Where a saved model or tokenizer is read in the folder `path`: the `model/` of a training run (`path` lacks `marker`, its `model/` has it), else `path`."
+    p = Path(path)
+    return p/'model' if not (p/marker).is_file() and (p/'model'/marker).is_file() else p
 
 # %% ../nbs/00_tokenizer.ipynb
 class TokenizerHubMixin(ModelHubMixin, library_name='meloformer', tags=['music', 'midi', 'symbolic-music'],
@@ -877,8 +914,8 @@ class TokenizerHubMixin(ModelHubMixin, library_name='meloformer', tags=['music',
 @patch(cls_method=True)
 def from_pretrained(cls: TokenizerHubMixin, pretrained_model_name_or_path, *, force_download: bool = False, token: str | bool | None = None,
                     cache_dir=None, local_files_only: bool = False, revision: str | None = None) -> 'HIDTokenizer':
-    """The tokenizer saved in a folder (a corpus, a model folder, a training run's `model/`), in a `tokenizer.json`, or in
-    a Hub repository (`owner/name`, downloaded). `ValueError` naming the format version for a tokenizer saved by another
+    """The tokenizer saved in a folder (a corpus, a model folder, a training run folder or its `model/`), in a `tokenizer.json`,
+    or in a Hub repository (`owner/name`, downloaded; `hub_lookup`). `ValueError` naming the format version for a tokenizer saved by another
     one; `FileNotFoundError` naming the path when there is no tokenizer there."""
     # not the mixin's: it would read a `config.json` beside the tokenizer, which is a model's
     return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,
@@ -889,12 +926,13 @@ def from_pretrained(cls: TokenizerHubMixin, pretrained_model_name_or_path, *, fo
 def _from_pretrained(cls: TokenizerHubMixin, *, model_id: str, revision=None, cache_dir=None, force_download=False, local_files_only=False,
                      token=None, **unused) -> 'HIDTokenizer':
     path = Path(model_id)
-    if path.is_dir(): path = path/TOKENIZER_FILE
+    if path.is_dir(): path = saved_folder(path)/TOKENIZER_FILE
     elif not path.exists():
-        try: path = Path(hf_hub_download(model_id, TOKENIZER_FILE, revision=revision, cache_dir=cache_dir, token=token,
-                                         force_download=force_download, local_files_only=local_files_only))
-        except (ValueError, OSError) as e:      # not a repository id, no network, no such repository or file
-            raise FileNotFoundError(f"{model_id}: no such folder, nor a tokenizer on the Hugging Face Hub ({hub_error(e)})") from None
+        not_found = lambda why: FileNotFoundError(f"{model_id}: no such folder, nor a tokenizer on the Hugging Face Hub ({why})")
+        hub = hub_lookup(model_id, not_found, revision=revision, cache_dir=cache_dir, token=token, force_download=force_download,
+                         local_files_only=local_files_only)
+        try: path = Path(hf_hub_download(model_id, TOKENIZER_FILE, **hub))
+        except (ValueError, OSError) as e: raise not_found(hub_error(e)) from None    # no network, no such repository or file
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such file (a tokenizer folder holds {TOKENIZER_FILE})")
     try: data = json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{path}: not a tokenizer file ({e})") from None

@@ -213,7 +213,7 @@ def resolve_config(cfg: TrainConfig, cuda: bool | None = None) -> TrainConfig:
     return out
 
 def _check_counts(cfg: TrainConfig):
-    "Counts and cadences that only make sense positive raise `ValueError` naming the flag (0.1 divided by zero or ran anyway)."
+    "Counts, cadences and rates outside their range raise `ValueError` naming the flag (0.1 divided by zero, ran anyway or failed inside torch)."
     for k in ('max_steps', 'save_every', 'eval_every', 'eval_batches', 'keep_checkpoints', 'batch_size',
               'gradient_accumulation_steps', 'max_seq_len'):
         v = getattr(cfg, k)
@@ -223,6 +223,10 @@ def _check_counts(cfg: TrainConfig):
         v = getattr(cfg, k)
         if v is not None and v < 0: raise ValueError(f"--{k} {v}: must be 0 or more")
     if not 0 <= cfg.infill_rate <= 1: raise ValueError(f"--infill_rate {cfg.infill_rate}: must be between 0 and 1 (the share of pieces rearranged for infilling)")
+    if cfg.lr is not None and not cfg.lr > 0: raise ValueError(f"--lr {cfg.lr}: must be more than 0")
+    if not 0 <= cfg.min_lr_frac <= 1: raise ValueError(f"--min_lr_frac {cfg.min_lr_frac}: must be between 0 and 1 (the final LR as a fraction of --lr)")
+    if not cfg.weight_decay >= 0: raise ValueError(f"--weight_decay {cfg.weight_decay}: must be 0 or more")
+    if not cfg.grad_clip > 0: raise ValueError(f"--grad_clip {cfg.grad_clip}: must be more than 0 (the largest gradient norm kept)")
 
 # %% ../nbs/06_train.ipynb
 RUN_FIELDS = ('model_size', 'max_seq_len', 'transpose', 'seed', 'batch_size', 'gradient_accumulation_steps', 'phases',
