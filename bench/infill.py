@@ -17,7 +17,7 @@ the rest of the piece, the `--add_track` case), and reports:
 
 Writes the tables to bench/results/infill.md (or `--out`).
 
-    python bench/infill.py                  # two 300-step trainings and the scoring: ~20-25 minutes on a shared 2-core CPU
+    python bench/infill.py                  # two 300-step trainings (~8 min CPU each; ~25 min wall each on a loaded 2-core machine) and the scoring (~5 min)
     python bench/infill.py --runs DIR       # keep the runs in DIR; a finished run there is reused, not retrained
     python bench/infill.py --quick          # a smoke run (20 steps, 3 pieces, 2 fills)
 """
