@@ -54,6 +54,12 @@ BENCHMARKS = {
              "bit-exact weights of a shorter killed-and-resumed run.",
         anchor="the same run's first steps (flatness), a clean build (identity), an uninterrupted run (bit-exactness).",
         results={'soak.md': [0, 1, 2, 3]}),
+    'infill.py': dict(
+        what="Whether a filled span uses the context after its gap: NLL per token of held-out bar spans (1, 2, 4 bars, one or all "
+             "tracks, a whole track) in infill mode vs continuation mode; the continuation loss with and without `--infill_rate 0.3`; "
+             "music metrics of generated fills vs the real spans (two `tiny` models trained in the run, same steps and seed).",
+        anchor="the same tokens scored as continuation (left context only), and a model of the same size and steps trained without infilling.",
+        results={'infill.md': [0, 1, 2]}),
     'gpu_check.py': dict(
         what="The GPU path in one command: the `#| gpu` notebook cells, training throughput of `small` at 8192 x 6, attention "
              "forward + backward at 8192 and 24576, the memory estimator and length finder, cached generation (see *GPU check* above).",

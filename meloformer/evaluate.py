@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 from .metrics import METRICS, metrics_table, compare_to_reference, pitch_class_distance, plot_metrics
 
 # %% auto 0
-__all__ = ['KIND_NAMES', 'loss_by_kind', 'evaluate_checkpoint', 'EvaluateConfig', 'evaluate_parser', 'main', 'ablation']
+__all__ = ['KIND_NAMES', 'loss_by_kind', 'evaluate_checkpoint', 'EvaluateConfig', 'evaluate_parser', 'main', 'ablation',
+           'span_targets', 'span_nll', 'fill_metrics']
 
 # %% ../nbs/10_evaluate.ipynb
 import argparse, sys, tempfile, time
@@ -166,3 +167,71 @@ def ablation(presets=('museformer', 'dense'), steps: int = 300, out_root=None, *
         rows.append(dict(preset=preset, steps=res['steps'], first_val_loss=res['first_val_loss'], val_loss=res['last_val_loss'],
                          val_ppl=math.exp(res['last_val_loss']), seconds_per_step=seconds / res['steps']))
     return pd.DataFrame(rows)
+
+# %% ../nbs/10_evaluate.ipynb
+def span_targets(tok, ids, segments, mode: str = 'infill') -> tuple[np.ndarray, np.ndarray]:
+    """(stream, target positions) for scoring the (track, bar) `segments` of the continuation stream `ids`.
+    `mode='infill'`: the stream is `tok.to_infill(ids, segments)` and the targets are the fill tokens between
+    `FILL_START` and the final `EOS`; `mode='continuation'`: the stream is `ids` and the targets the same tokens in
+    place (each segment's bar token and notes). Both modes give the same target ids in the same order.
+    `ValueError` for another mode, or a segment the stream lacks (from `to_infill`)."""
+    ids = np.asarray(ids, np.int64)
+    x = tok.to_infill(ids, segments)                          # checks the segments in both modes
+    if mode == 'infill':
+        start = int(np.flatnonzero(x == tok.fill_start_id)[0])
+        return x, np.arange(start + 1, len(x) - 1)
+    if mode != 'continuation': raise ValueError(f"span_nll: mode {mode!r}: 'infill' or 'continuation'")
+    m = tok.annotate(ids)
+    chosen = {(int(t), int(b)) for t, b in segments}
+    in_span = np.array([(t, b) in chosen for t, b in zip(m['track'].tolist(), m['bar'].tolist())], bool)
+    scored = in_span & ((m['kind'] <= TokenKind.VELOCITY) | (m['kind'] == TokenKind.BAR))
+    return ids, np.flatnonzero(scored)
+
+@torch.no_grad()
+def span_nll(model, tok, ids, segments, mode: str = 'infill', device='cpu') -> tuple[float, int]:
+    """(sum of NLL in nats, token count) of the tokens of `segments` (pairs (track, bar), 0-based) of the continuation
+    stream `ids` (1-D ints), each predicted by `model` from the token before it: in `mode='infill'` in
+    `tok.to_infill(ids, segments)` (the whole piece around the gap), in `mode='continuation'` in `ids` (left context
+    only). One forward of a batch of 1 (`MeloFormer.forward`, annotate metadata), eval mode, no gradients.
+    `ValueError` as `span_targets`."""
+    import torch.nn.functional as F
+    x, targets = span_targets(tok, ids, segments, mode)
+    meta = {k: torch.as_tensor(v, device=device)[None] for k, v in tok.annotate(x).items()}
+    was_training = model.training; model.eval()
+    try: logits = model(torch.as_tensor(x, device=device)[None], meta)[0]            # (L, vocab)
+    finally: model.train(was_training)
+    t = torch.as_tensor(targets, device=device)
+    nll = F.cross_entropy(logits[t - 1].float(), torch.as_tensor(x, device=device)[t], reduction='sum')
+    return float(nll), len(targets)
+
+# %% ../nbs/10_evaluate.ipynb
+from .metrics import CHORD_PITCH_CLASSES
+
+def _pitched_notes(tok, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "(track, bar, pitch class) of every note of a pitched (non-drum) track of the stream `ids`."
+    ids = np.asarray(ids, np.int64); m = tok.annotate(ids)
+    heads = tok.is_program(ids) & (m['track'] >= 0)
+    drum_tracks = m['track'][heads][np.isin(ids[heads], tok.drum_ids)]
+    sel = (m['kind'] == TokenKind.PITCH) & (m['track'] >= 0) & ~np.isin(m['track'], drum_tracks)
+    return m['track'][sel], m['bar'][sel], (ids[sel] - tok.ranges['pitch'][0]) % 12
+
+def fill_metrics(tok, ids, segments, reference=None) -> dict:
+    """Pitch-class overlap with the surrounding bars and chord-tone ratio of the notes of `segments` ((track, bar)
+    pairs, 0-based) in the continuation stream `ids`; chords from `reference` (the real piece; `ids` when None).
+    -> dict(notes: int, pc_overlap: float, chord_tone_ratio: float), NaN ratios where the span has no pitched note."""
+    track, bar, pc = _pitched_notes(tok, ids)
+    chosen = {(int(t), int(b)) for t, b in segments}
+    in_span = np.array([(t, b) in chosen for t, b in zip(track.tolist(), bar.tolist())], bool)
+    context = {}                                                   # track -> pitch classes of the bars beside its span
+    for t, b in chosen:
+        for nb in (b - 1, b + 1):
+            if (t, nb) not in chosen: context.setdefault(t, set()).update(pc[(track == t) & (bar == nb)].tolist())
+    r = np.asarray(ids if reference is None else reference, np.int64)
+    rm = tok.annotate(r)
+    opens = (rm['kind'] == TokenKind.BAR) & (rm['track'] >= 0)
+    chord = dict(zip(rm['bar'][opens].tolist(), (r[opens] - tok.ranges['chord'][0]).tolist()))   # the same in every track
+    t, b, p = track[in_span], bar[in_span], pc[in_span]
+    if not len(p): return dict(notes=0, pc_overlap=math.nan, chord_tone_ratio=math.nan)
+    overlap = np.array([q in context.get(ti, ()) for ti, q in zip(t.tolist(), p.tolist())])
+    tones = CHORD_PITCH_CLASSES[[chord.get(bi, 0) for bi in b.tolist()], p]
+    return dict(notes=len(p), pc_overlap=float(overlap.mean()), chord_tone_ratio=float(tones.mean()))
