@@ -29,9 +29,11 @@ import pandas as pd
 import torch
 
 from meloformer.data import demo_dataset
-from meloformer.evaluate import span_nll, fill_metrics
+from meloformer.evaluate import span_nll, span_targets, fill_metrics
+from meloformer.tokenizer import TokenKind
 from meloformer.generate import generate
 from meloformer.model import load_pretrained
+from meloformer.tokenizer import FILL_SEGMENT_TOKENS
 from _common import machine
 
 OUT = Path(__file__).resolve().parent / 'results' / 'infill.md'
@@ -77,7 +79,7 @@ def draw_spans(tok, valid, a) -> list[dict]:
     for i in range(min(a.pieces, len(valid))):
         probe = tok.annotate(valid.piece(i))
         n_tracks = int(probe['track'].max()) + 1
-        ids = valid.crop(i, None, a.max_seq_len - (max(SPAN_BARS) * n_tracks + 2))    # room for the largest fill layout
+        ids = valid.crop(i, None, a.max_seq_len - (FILL_SEGMENT_TOKENS * max(SPAN_BARS) * n_tracks + 2))   # room for the largest fill layout
         m = tok.annotate(ids)
         n_bars = int(m['bar'][m['track'] >= 0].max()) + 1
         for bars in SPAN_BARS:
@@ -87,7 +89,7 @@ def draw_spans(tok, valid, a) -> list[dict]:
                 tracks = [int(rng.integers(n_tracks))] if which == 'one' else list(range(n_tracks))
                 spans.append(dict(piece=i, ids=ids, bars=bars, tracks=which, n_bars=n_bars,
                                   segments=[(t, b) for t in tracks for b in range(start, start + bars)]))
-        if n_bars + 2 <= max(SPAN_BARS) * n_tracks + 2:                                # a whole track: every bar of one track
+        if n_bars <= max(SPAN_BARS) * n_tracks:                                       # a whole track (every bar of one track) fits that room
             t = int(rng.integers(n_tracks))
             spans.append(dict(piece=i, ids=ids, bars='whole track', tracks='one', n_bars=n_bars, segments=[(t, b) for b in range(n_bars)]))
     return spans
@@ -148,6 +150,22 @@ def main(argv=None):
                                     'span NLL, continuation mode': total(f'{k}_continuation_nll'),
                                     'train wall s': r['seconds']}) for k, r in runs.items()])
 
+    # (d) where the difference lies: the infill model's NLL per kind of target token, both modes, over every span
+    per_kind = {}
+    for s in spans:
+        for mode in ('infill', 'continuation'):
+            x, t = span_targets(tok, s['ids'], s['segments'], mode)
+            meta = {k: torch.as_tensor(v)[None] for k, v in tok.annotate(x).items()}
+            with torch.no_grad(): lg = models['infill'](torch.as_tensor(x)[None], meta)[0]
+            nll = torch.nn.functional.cross_entropy(lg[torch.as_tensor(t) - 1].float(), torch.as_tensor(x[t]), reduction='none').numpy()
+            for k, v in zip(tok.kind_of(x[t]).tolist(), nll.tolist()):
+                acc = per_kind.setdefault((TokenKind(k).name.lower(), mode), [0.0, 0]); acc[0] += v; acc[1] += 1
+    kinds = list(dict.fromkeys(k for k, _ in per_kind))
+    table_d = pd.DataFrame([{'target kind': k, 'tokens': per_kind[k, 'infill'][1],
+                             'infill mode': per_kind[k, 'infill'][0] / per_kind[k, 'infill'][1],
+                             'continuation mode': per_kind[k, 'continuation'][0] / per_kind[k, 'continuation'][1]} for k in kinds])
+    table_d['infill - continuation'] = table_d['infill mode'] - table_d['continuation mode']
+
     t0 = time.perf_counter()
     picks = [spans[k * len(spans) // a.fills] for k in range(min(a.fills, len(spans)))]
     mrows = []
@@ -201,6 +219,10 @@ with notes. Pitch-class overlap: share of the span's notes whose pitch class occ
 before and after; chord-tone ratio: share in the piece's chord of their bar (`meloformer.evaluate.fill_metrics`).
 
 {md_table(table_c)}
+
+## (d) Where the difference lies: NLL per kind of target token (infill model, every span above)
+
+{md_table(table_d)}
 """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f'.{out.name}.tmp'); tmp.write_text(text); tmp.replace(out)

@@ -172,14 +172,15 @@ def ablation(presets=('museformer', 'dense'), steps: int = 300, out_root=None, *
 def span_targets(tok, ids, segments, mode: str = 'infill') -> tuple[np.ndarray, np.ndarray]:
     """(stream, target positions) for scoring the (track, bar) `segments` of the continuation stream `ids`.
     `mode='infill'`: the stream is `tok.to_infill(ids, segments)` and the targets are the fill tokens between
-    `FILL_START` and the final `EOS`; `mode='continuation'`: the stream is `ids` and the targets the same tokens in
+    `FILL_START` and the final `EOS` but the track headers that open the fills (the grammar forces them); `mode='continuation'`: the stream is `ids` and the targets the same tokens in
     place (each segment's bar token and notes). Both modes give the same target ids in the same order.
     `ValueError` for another mode, or a segment the stream lacks (from `to_infill`)."""
     ids = np.asarray(ids, np.int64)
     x = tok.to_infill(ids, segments)                          # checks the segments in both modes
     if mode == 'infill':
         start = int(np.flatnonzero(x == tok.fill_start_id)[0])
-        return x, np.arange(start + 1, len(x) - 1)
+        pos = np.arange(start + 1, len(x) - 1)
+        return x, pos[~tok.is_program(x[pos])]                   # not the track header that opens each fill
     if mode != 'continuation': raise ValueError(f"span_nll: mode {mode!r}: 'infill' or 'continuation'")
     m = tok.annotate(ids)
     chosen = {(int(t), int(b)) for t, b in segments}
