@@ -48,6 +48,7 @@ class MaskMeta:
     doc: torch.Tensor; track: torch.Tensor; bar: torch.Tensor; seg: torch.Tensor; kind: torch.Tensor   # (B, L)
     fill: torch.Tensor                                                                                  # (B, L) 1: a fill token
     s_doc: torch.Tensor; s_track: torch.Tensor; s_bar: torch.Tensor; s_end: torch.Tensor               # (B, S)
+    any_fill: bool = True             # False: no fill token in the batch, the rules skip the fill cases (faster masks)
     @property
     def L(self): return self.seg.shape[1]
     @property
@@ -77,9 +78,10 @@ def mask_meta(meta: dict, n_summaries: int | None = None, multiple: int = 64) ->
     pos = torch.arange(L, device=seg.device).expand(B, L)
     s_end = per_slot(pos, L)                               # unused slots: end = L, never before anyone
     fill = meta['fill'] if 'fill' in meta else torch.zeros_like(meta['seg'])
+    any_fill = 'fill' in meta and bool((fill > 0).any())                  # one host sync, as the slot count
     return MaskMeta(doc=doc, track=meta['track'], bar=meta['bar'], seg=seg, kind=meta['kind'], fill=fill,
                     s_doc=per_slot(doc, -2), s_track=per_slot(meta['track'], -1), s_bar=per_slot(meta['bar'], -1),
-                    s_end=s_end)
+                    s_end=s_end, any_fill=any_fill)
 
 # %% ../nbs/02_attention.ipynb
 def _table(values, size, device) -> torch.Tensor:
@@ -112,7 +114,7 @@ def _kinds_ok(m, kinds):
 def _bar_distance(m: MaskMeta, b, q, k):
     "Bars from k back to q; for a fill token q (`fill` 1) the distance either way, so both sides of its gap count."
     d = m.bar[b, q] - m.bar[b, k]
-    return torch.where(m.fill[b, q] > 0, d.abs(), d)
+    return torch.where(m.fill[b, q] > 0, d.abs(), d) if m.any_fill else d
 
 def fine_bars(m: MaskMeta, offsets=(1, 2, 4, 8, 12, 16, 24, 32)):
     "Same track, bar `offset` bars back (a fill token: back or ahead), for `offset` in `offsets`."
@@ -126,7 +128,8 @@ def earlier_tracks(m: MaskMeta, offsets=(0, 1, 2, 4), kinds=None):
     every other track, earlier or later in stream order, at `offset` bars back or ahead."""
     table, kind_ok = _table(offsets, max(offsets, default=0) + 1, m.bar.device), _kinds_ok(m, kinds)
     def mask_mod(b, h, q, k):
-        other = torch.where(m.fill[b, q] > 0, m.track[b, k] != m.track[b, q], m.track[b, k] < m.track[b, q])
+        other = (torch.where(m.fill[b, q] > 0, m.track[b, k] != m.track[b, q], m.track[b, k] < m.track[b, q]) if m.any_fill
+                 else m.track[b, k] < m.track[b, q])
         return ((m.track[b, k] >= 0) & other & (m.bar[b, k] >= 0)
                 & _in_table(table, _bar_distance(m, b, q, k)) & kind_ok(b, k))
     return mask_mod

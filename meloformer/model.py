@@ -359,7 +359,7 @@ class DecodeCache:
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.n_keys = max_len
         # fixed addresses: CUDA graphs (torch.compile mode="reduce-overhead") then replay on the buffers themselves
-        for t in (*self.kv, self.length, *vars(self.meta).values()): torch._dynamo.mark_static_address(t)
+        for t in (*self.kv, self.length, *(v for v in vars(self.meta).values() if torch.is_tensor(v))): torch._dynamo.mark_static_address(t)
 
     def layer(self, i: int, pos, slots=None) -> KVCache:
         "Layer i's keys and values, bound to a pass writing at positions `pos` (T,) and summary `slots` (B, C)."
