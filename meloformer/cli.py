@@ -11,7 +11,7 @@ from fastcore.basics import patch
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 # %% auto 0
-__all__ = ['BAD_INPUT', 'field_docs', 'describe', 'ConfigParser', 'cli_main']
+__all__ = ['BAD_INPUT', 'field_docs', 'describe', 'ConfigParser', 'cli_main', 'run_cli']
 
 # %% ../nbs/11_cli.ipynb
 def field_docs(cls) -> dict[str, str]:
@@ -114,3 +114,11 @@ def cli_main(fn):
         except BAD_INPUT as e:
             print(f"{type(e).__name__}: {e}", file=sys.stderr); return 2
     return main
+
+# %% ../nbs/11_cli.ipynb
+def run_cli(main, argv) -> tuple[int, str, str]:
+    "(exit status, stdout, stderr) of `main(argv)` (a `cli_main` command line; argv: list of str), its output captured."
+    import contextlib, io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
