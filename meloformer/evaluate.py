@@ -183,8 +183,9 @@ def span_targets(tok, ids, segments, mode: str = 'infill') -> tuple[np.ndarray, 
         return x, pos[~tok.is_program(x[pos])]                   # not the track header that opens each fill
     if mode != 'continuation': raise ValueError(f"span_nll: mode {mode!r}: 'infill' or 'continuation'")
     m = tok.annotate(ids)
-    chosen = {(int(t), int(b)) for t, b in segments}
-    in_span = np.array([(t, b) in chosen for t, b in zip(m['track'].tolist(), m['bar'].tolist())], bool)
+    key = lambda t, b: np.asarray(t, np.int64) * (int(m['bar'].max()) + 2) + np.asarray(b, np.int64)   # (track, bar) as one int
+    t_b = np.asarray(segments, np.int64).reshape(-1, 2)
+    in_span = (m['track'] >= 0) & (m['bar'] >= 0) & np.isin(key(m['track'], m['bar']), key(t_b[:, 0], t_b[:, 1]))
     scored = in_span & ((m['kind'] <= TokenKind.VELOCITY) | (m['kind'] == TokenKind.BAR))
     return ids, np.flatnonzero(scored)
 

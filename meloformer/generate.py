@@ -282,16 +282,6 @@ def generate_parser() -> ConfigParser:
     return ConfigParser(GenerateConfig, prog='python -m meloformer.generate',
                         description="Sample MIDI from a trained MeloFormer: from scratch or continuing a MIDI file.")
 
-def _infill_rate(model: MeloFormer, checkpoint) -> float:
-    "The model's `cfg.infill_rate`, else its checkpoint's config.json's (a config that predates the field), else 0."
-    rate = getattr(model.cfg, 'infill_rate', None)
-    if rate is None:
-        import json
-        from meloformer.model import checkpoint_dir
-        try: rate = json.loads((checkpoint_dir(checkpoint) / 'config.json').read_text()).get('infill_rate', 0.0)
-        except (OSError, ValueError): rate = 0.0
-    return float(rate or 0.0)
-
 def _check_args(a):
     for name in ('prompt_bars', 'prompt_tracks', 'bars', 'num_samples', 'max_bar_notes', 'threads'):
         v = getattr(a, name)
@@ -362,7 +352,6 @@ def main(argv=None) -> int:
     model, tok = load_pretrained(a.checkpoint, str(device))
     model.to(device)
     infill = bool(a.infill_bars or a.infill_tracks or a.add_track)
-    model.cfg.infill_rate = _infill_rate(model, a.checkpoint)
     if infill and not model.cfg.infill_rate > 0: raise ValueError("trained without infilling (infill_rate 0): retrain with --infill_rate")
     segs = []
     if infill:

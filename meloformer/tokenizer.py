@@ -1049,7 +1049,7 @@ def tokens(self: HIDTokenizer, ids) -> list[str]:
     return [self.vocab[i] for i in a.tolist()]
 
 # %% ../nbs/00_tokenizer.ipynb
-def _segment_of(tok, ids: np.ndarray, meta: dict) -> np.ndarray:
+def _segment_of(meta: dict) -> np.ndarray:
     "Per token, the (track, bar) segment id `seg` for tokens inside a bar (bar token, controls, notes), else -1."
     return np.where((meta['track'] >= 0) & (meta['bar'] >= 0), meta['seg'], -1)
 
@@ -1085,7 +1085,7 @@ def to_infill(self: HIDTokenizer, ids, segments) -> np.ndarray:
             n_tracks, n_bars = int(m['track'].max()) + 1 if len(ids) else 0, int(m['bar'].max()) + 1 if len(ids) else 0
             raise ValueError(f"to_infill: no segment (track {t}, bar {b}) in this stream ({n_tracks} tracks, {n_bars} bars)")
     at = np.sort([where[s] for s in segments]).astype(np.int64)                    # the bar tokens of the chosen segments
-    moved = np.isin(_segment_of(self, ids, m), m['seg'][at]) & ((m['kind'] <= TokenKind.VELOCITY) | (m['kind'] == TokenKind.BAR))
+    moved = np.isin(_segment_of(m), m['seg'][at]) & ((m['kind'] <= TokenKind.VELOCITY) | (m['kind'] == TokenKind.BAR))
     headers = ids[self._is_program[ids]]                                             # track t's header: headers[t]
     piece = ids.copy()
     piece[at] = self.fill_id
@@ -1117,7 +1117,7 @@ def merge_fills(self: HIDTokenizer, ids) -> np.ndarray:
     chord[fk[opens]] = fill_ids[opens]
     piece[holder] = chord
     # each fill's notes go after the last token of its segment in the piece
-    seg_piece = _segment_of(self, ids[:f], {key: v[:f] for key, v in m.items()})
+    seg_piece = _segment_of(m)[:f]
     last = np.full(seg_piece.max() + 2 if len(seg_piece) else 1, -1)
     np.maximum.at(last, seg_piece + 1, np.arange(f))
     notes = (fk >= 0) & (kind <= TokenKind.VELOCITY)
