@@ -17,11 +17,11 @@ from .data import check_row_len
 from .memory import status_mb
 
 # %% auto 0
-__all__ = ['CKPT_PREFIX', 'CPU_DEFAULTS', 'CUDA_DEFAULTS', 'RUN_FIELDS', 'CADENCE_FIELDS', 'METRIC_FIELDS', 'RUN_FILES',
-           'rng_state', 'set_rng_state', 'list_checkpoints', 'save_checkpoint', 'CheckpointError', 'load_checkpoint',
-           'lr_lambda', 'MetricsLog', 'plot_losses', 'TrainConfig', 'resolve_config', 'run_settings', 'run_fingerprint',
-           'settings_diff', 'evaluate_loss', 'Dist', 'setup_distributed', 'phase_table', 'steps_for_epochs',
-           'EpochRest', 'Trainer', 'train', 'train_parser', 'main']
+__all__ = ['CKPT_PREFIX', 'CPU_DEFAULTS', 'CUDA_DEFAULTS', 'RUN_FIELDS', 'DEFAULT_IF_ABSENT', 'CADENCE_FIELDS', 'METRIC_FIELDS',
+           'RUN_FILES', 'rng_state', 'set_rng_state', 'list_checkpoints', 'save_checkpoint', 'CheckpointError',
+           'load_checkpoint', 'lr_lambda', 'MetricsLog', 'plot_losses', 'TrainConfig', 'resolve_config', 'run_settings',
+           'run_fingerprint', 'settings_diff', 'evaluate_loss', 'Dist', 'setup_distributed', 'phase_table',
+           'steps_for_epochs', 'EpochRest', 'Trainer', 'train', 'train_parser', 'main']
 
 # %% ../nbs/06_train.ipynb
 def rng_state() -> dict:
@@ -174,6 +174,8 @@ class TrainConfig:
     precision: Precision = 'auto';          "auto: bf16 on CUDA, fp32 on CPU"
     attn_backend: Backend = 'auto';         "auto: flex on CUDA, sdpa on CPU"
     mask_preset: Literal['museformer', 'meloformer', 'dense'] = 'museformer'; "which tokens attend to which (`MaskConfig.from_preset`)"
+    rope: Literal['bar', 'seq'] = 'seq';   ("rotary positions: 'bar' (bar index and position in the bar: the same bar of every track "
+                                             "is near, and a fill sits at its gap) or 'seq' (position in the stream)")
     transpose: int = 0;                     "random transposition of pitched tracks, +- semitones"
     infill_rate: float = 0.0;               ("share of training pieces rearranged for infilling (random bar spans of random tracks, "
                                              "sometimes whole tracks, filled after the piece; 0..1); the model records it")
@@ -231,7 +233,8 @@ def _check_counts(cfg: TrainConfig):
 # %% ../nbs/06_train.ipynb
 RUN_FIELDS = ('model_size', 'max_seq_len', 'transpose', 'seed', 'batch_size', 'gradient_accumulation_steps', 'phases',
               'constant_samples', 'lr', 'min_lr_frac', 'warmup_steps', 'weight_decay', 'grad_clip', 'precision', 'mask_preset',
-              'infill_rate')   # recorded only when > 0: runs made before infilling keep their fingerprint
+              'infill_rate', 'rope')   # these two recorded only when not at their DEFAULT_IF_ABSENT value: older runs keep their fingerprint
+DEFAULT_IF_ABSENT = dict(infill_rate=0.0, rope='seq')   # the value of a field a run made before it existed had
 CADENCE_FIELDS = ('max_steps', 'epochs', 'eval_every', 'eval_batches', 'save_every', 'keep_checkpoints', 'num_workers', 'progress',
                   'max_bad_steps', 'out_dir', 'resume', 'overwrite', 'report_to', 'compile', 'recompile_limit', 'grad_checkpointing',
                   'attn_backend', 'device',
@@ -244,7 +247,7 @@ def run_settings(cfg, schedule=None, world_size: int | None = None, data: str | 
     (`ShardDataset.digest`): not the folder's path, so a moved copy is the same data and a rebuild with other content is not;
     `precision` is the one the run trains in (`fp32` or `bf16`: `--precision auto` resolved for the device), so that `auto`
     and the precision it stands for on the device are the same run, and `auto` on another device may not be."""
-    d = {k: getattr(cfg, k) for k in RUN_FIELDS if k != 'infill_rate' or getattr(cfg, k, 0)}
+    d = {k: getattr(cfg, k) for k in RUN_FIELDS if k not in DEFAULT_IF_ABSENT or getattr(cfg, k, DEFAULT_IF_ABSENT[k]) != DEFAULT_IF_ABSENT[k]}
     if precision is not None: d['precision'] = precision
     if data is not None: d['data'] = data
     if schedule is not None: d['phases'] = [{k: v for k, v in row.items() if k != 'num_workers'} for row in json.loads(schedule.to_json())]
@@ -257,7 +260,8 @@ def run_fingerprint(settings: dict) -> str:
 
 def settings_diff(old: dict, new: dict) -> list[str]:
     "`field old -> new` for each defining setting that differs."
-    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    get = lambda d, k: d.get(k, DEFAULT_IF_ABSENT.get(k))
+    return [f"{k} {get(old, k)!r} -> {get(new, k)!r}" for k in sorted(set(old) | set(new)) if get(old, k) != get(new, k)]
 
 # %% ../nbs/06_train.ipynb
 @torch.no_grad()
@@ -400,7 +404,7 @@ class Trainer:
         # model
         torch.manual_seed(cfg.seed)
         mcfg = ModelConfig.from_size(cfg.model_size, vocab_size=self.tok.vocab_size, mask=MaskConfig.from_preset(cfg.mask_preset),
-                                     attn_backend=cfg.attn_backend, checkpointing=cfg.grad_checkpointing, infill_rate=cfg.infill_rate)
+                                     attn_backend=cfg.attn_backend, checkpointing=cfg.grad_checkpointing, infill_rate=cfg.infill_rate, rope=cfg.rope)
         self.model = MeloFormer(mcfg).to(self.device)
         self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                      fused=cuda)
@@ -528,7 +532,7 @@ def _check_settings(self: Trainer, saved: dict, where: str):
     diff = settings_diff(saved, self.settings)
     data = (f"; {self.cfg.data_dir or 'the embedded demo corpus'} holds other data than the run was trained on"
             if saved.get('data') != self.settings.get('data') else '')
-    if diff: raise ValueError(f"{where}: the run was made with other defining settings: {'; '.join(diff)}{data} (start a new run in another --out_dir)")
+    if diff: raise ValueError(f"{where}: the run was made with other defining settings: {'; '.join(diff)}{data} (give the values the run was made with to go on with it, or start a new run in another --out_dir)")
 
 # %% ../nbs/06_train.ipynb
 @patch
