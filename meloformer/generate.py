@@ -184,8 +184,8 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     """Sample `num_samples` id streams that follow the grammar and `plan`, with cached decoding: (list of int64 arrays, stats).
     Stats: `prefix_tokens` (per sample, fed as one chunk), `fixed_tokens` (all samples: tokens the grammar left no choice
     in: the plan's header and prompt bars, `SEP`s, a track header, bar or `EOS` where nothing else may come), `sampled_tokens`
-    (all samples: drawn from the model among several allowed), `seconds`, `prefill_s` and `tokens_per_s` (sampled tokens
-    per second of the whole call). Raises `ValueError` naming the argument or plan field that is out of range
+    (all samples: drawn from the model among several allowed), `seconds` (the whole call), `prefill_s` (feeding the prefix) and
+    `tokens_per_s` (sampled tokens per second of decoding: the call less the prefill). Raises `ValueError` naming the argument or plan field that is out of range
     (`num_samples` >= 1, `max_len` in 1..`MAX_LEN`, `temperature` >= 0, `top_k` >= 0, `top_p` in (0, 1], `max_bar_notes` >= 1,
     `seed` in -2**63..2**64-1, `Plan.check`), when `max_len` cannot hold the shortest piece of the plan, and when the decode
     cache of `num_samples` rows of `max_len` tokens needs more memory than the device has free. `infill=(ids, segments)`:
@@ -235,7 +235,7 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     if infill is not None: streams = [tok.merge_fills(x) for x in streams]
     return streams, dict(
         prefix_tokens=len(prefix), fixed_tokens=sum(map(len, out)) - n_sampled, sampled_tokens=n_sampled,
-        seconds=seconds, prefill_s=t_prefill, tokens_per_s=n_sampled / max(seconds, 1e-9))
+        seconds=seconds, prefill_s=t_prefill, tokens_per_s=n_sampled / max(seconds - t_prefill, 1e-9))
 
 # %% ../nbs/09_generate.ipynb
 def bars_per_track(tok: HIDTokenizer, ids) -> list:
@@ -372,8 +372,9 @@ def main(argv=None) -> int:
         piano_roll(midi, path.with_suffix('.png'), title=f'{path.name}: {len(x)} tokens, bars per track {bars_per_track(tok, x)}',
                    highlight=_regions(segs))
         print(f"wrote {path} and {path.with_suffix('.png').name}: {len(x)} tokens, {sum(len(i.notes) for i in midi.instruments)} notes")
-    print(f"{stats['sampled_tokens']} tokens sampled in {stats['seconds']:.1f}s: {stats['tokens_per_s']:.0f} tokens/s "
-          f"({len(ids)} samples; {stats['fixed_tokens']} tokens fixed by the prompt and the grammar, not counted)")
+    print(f"{stats['sampled_tokens']} tokens sampled in {stats['seconds'] - stats['prefill_s']:.1f}s after a {stats['prefill_s']:.1f}s "
+          f"prefill of {stats['prefix_tokens']} tokens: {stats['tokens_per_s']:.0f} tokens/s "
+          f"({len(ids)} sample{'s' if len(ids) != 1 else ''}; {stats['fixed_tokens']} tokens fixed by the prompt and the grammar, not counted)")
     return 0
 
 # %% ../nbs/09_generate.ipynb
