@@ -40,7 +40,7 @@ class ModelConfig:
     n_head: int = 6
     d_model: int = 384
     ffn_hidden: int | None = None           # None: 8/3 d_model rounded up to a multiple of 64 (SwiGLU)
-    rope: str = 'seq'                       # 'seq': sequence position | 'bar': (bar index, position in bar)
+    rope: str = 'bar'                       # 'bar': (bar index, position in bar) | 'seq': sequence position
     rope_base: float = 10000.0
     mask: MaskConfig = field(default_factory=MaskConfig)
     attn_backend: str = 'auto'              # auto | flex | sdpa
@@ -65,7 +65,7 @@ class ModelConfig:
     def to_dict(self) -> dict: return asdict(self)
     @classmethod
     def from_dict(cls, d: dict) -> 'ModelConfig':
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+        return cls(**{'rope': 'seq', **{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}})   # no rope: written when 'seq' was the default
 
 # %% ../nbs/03_model.ipynb
 from typing import Literal

@@ -174,8 +174,8 @@ class TrainConfig:
     precision: Precision = 'auto';          "auto: bf16 on CUDA, fp32 on CPU"
     attn_backend: Backend = 'auto';         "auto: flex on CUDA, sdpa on CPU"
     mask_preset: Literal['museformer', 'meloformer', 'dense'] = 'museformer'; "which tokens attend to which (`MaskConfig.from_preset`)"
-    rope: Literal['bar', 'seq'] = 'seq';   ("rotary positions: 'bar' (bar index and position in the bar: the same bar of every track "
-                                             "is near, and a fill sits at its gap) or 'seq' (position in the stream)")
+    rope: Literal['bar', 'seq'] = 'bar';   ("rotary positions: 'bar' (bar index and position in the bar: the same bar of every track "
+                                             "is near, and a fill sits at its gap) or 'seq' (position in the stream; the default in 0.1)")
     transpose: int = 0;                     "random transposition of pitched tracks, +- semitones"
     infill_rate: float = 0.0;               ("share of training pieces rearranged for infilling (random bar spans of random tracks, "
                                              "sometimes whole tracks, filled after the piece; 0..1); the model records it")
