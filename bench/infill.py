@@ -33,6 +33,7 @@ from meloformer.evaluate import span_nll, span_targets, fill_metrics
 from meloformer.tokenizer import TokenKind
 from meloformer.generate import generate
 from meloformer.model import load_pretrained
+from meloformer.train import TrainConfig
 from meloformer.tokenizer import FILL_SEGMENT_TOKENS
 from _common import machine
 
@@ -51,7 +52,7 @@ def md_table(df: pd.DataFrame) -> str:
 def train_command(run: Path, rate: float, a) -> list[str]:
     return [sys.executable, '-m', 'meloformer.train', '--model_size', 'tiny', '--max_seq_len', str(a.max_seq_len),
             '--batch_size', '8', '--max_steps', str(a.steps), '--seed', str(a.seed), '--infill_rate', str(rate),
-            '--out_dir', str(run), '--no-progress'] + (['--rope', a.rope] if a.rope else [])
+            '--rope', a.rope or TrainConfig().rope, '--out_dir', str(run), '--no-progress']
 
 
 def finished(run: Path, steps: int) -> bool:
@@ -64,9 +65,11 @@ def train_run(run: Path, rate: float, a) -> dict:
     cmd = train_command(run, rate, a)
     if finished(run, a.steps):                                  # a reused run must be the one the command names
         have = json.loads((run / 'model' / 'config.json').read_text())
-        if have.get('infill_rate', 0) != rate or (a.rope and have.get('rope') != a.rope):
-            raise SystemExit(f"{run}: a finished run with infill_rate {have.get('infill_rate', 0)}, rope {have.get('rope')!r}; "
-                             f"this command trains infill_rate {rate}, rope {a.rope or 'default'}: give another --runs")
+        settings = json.loads((run / 'run.json').read_text())['settings'] if (run / 'run.json').is_file() else {}
+        want = dict(infill_rate=rate, rope=a.rope or TrainConfig().rope, model_size='tiny', max_seq_len=a.max_seq_len, batch_size=8, seed=a.seed)
+        got = dict(settings, infill_rate=have.get('infill_rate', 0), rope=have.get('rope', 'seq'))   # a config without rope: 'seq'
+        if diff := [f"{k} {got.get(k)!r} (this command: {v!r})" for k, v in want.items() if got.get(k) != v]:
+            raise SystemExit(f"{run}: a finished run made with other settings: {'; '.join(diff)}: give another --runs")
     else:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -19,8 +19,8 @@ from .grammar import PROGRAMS as _PROGRAMS      # the track names the CLI's --tr
 from .metrics import piano_roll
 
 # %% auto 0
-__all__ = ['MAX_LEN', 'forward_cached', 'IncrementalDecoder', 'sample_next', 'add_track', 'generate', 'bars_per_track',
-           'GenerateConfig', 'generate_parser', 'main']
+__all__ = ['PREFILL_CHUNK', 'MAX_LEN', 'forward_cached', 'IncrementalDecoder', 'sample_next', 'add_track', 'generate',
+           'bars_per_track', 'GenerateConfig', 'generate_parser', 'main']
 
 # %% ../nbs/09_generate.ipynb
 @torch.no_grad()
@@ -82,6 +82,20 @@ class IncrementalDecoder:
         step = self.step if T == 1 and self.step is not None else forward_cached
         c.n_keys = c.L if step is self.step else min(c.L, -(-self.length // self.bucket) * self.bucket)
         return step(self.model, c, ids.to(self.device), meta, slots)
+
+# %% ../nbs/09_generate.ipynb
+from fastcore.basics import patch
+
+PREFILL_CHUNK = 1024      # prompt tokens per cached pass
+
+@patch
+def prefill(self: IncrementalDecoder, ids, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Feed a prompt ids (B, T) in chunks of `chunk` tokens (bounded memory for any prompt length) and return the
+    logits of its last token (B, V); on CUDA it waits for the device, so a timer around it measures the prefill."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    for i in range(0, ids.shape[-1], chunk): logits = self.feed(ids[..., i:i + chunk])[:, -1]
+    if self.device.type == 'cuda': torch.cuda.synchronize(self.device)
+    return logits
 
 # %% ../nbs/09_generate.ipynb
 def sample_next(logits: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -215,7 +229,7 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     out = [list(prefix) for _ in range(num_samples)]
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    logits = dec.feed(torch.tensor(prefix)[None].expand(num_samples, -1))[:, -1]
+    logits = dec.prefill(torch.tensor(prefix)[None].expand(num_samples, -1))
     t_prefill = time.perf_counter() - t0
     bar = tqdm(total=max_len - len(prefix), disable=not progress, desc='generating', unit='tok')
     sampled = torch.zeros(num_samples, dtype=torch.long)     # per row: tokens drawn among several allowed
@@ -273,7 +287,7 @@ class GenerateConfig:
     progress: bool = True;                  "show a progress bar"
     infill_bars: str | None = None;         "bars of the prompt to regenerate, counted from 1, inclusive: 5-8 or 5 (all tracks without --infill_tracks)"
     infill_tracks: list[str] | None = None; ("tracks of the prompt to regenerate (all bars without --infill_bars): 0-based indices in its stream "
-                                             "order or names as --tracks takes (a name selects every track of that instrument); 1,bass or 1 bass")
+                                             "order or names as --tracks takes (a name selects every track of that program, else of its General MIDI family: bass finds a fretless); 1,bass or 1 bass")
     add_track: list[str] | None = None;     "tracks to write for the prompt over all its bars, named as --tracks takes"
 
 # %% ../nbs/09_generate.ipynb
@@ -323,13 +337,7 @@ def _infill_request(tok: HIDTokenizer, ids, a) -> tuple[np.ndarray, list]:
             bars = range(lo - 1, hi)
         tracks = set(range(len(heads))) if not a.infill_tracks else set()
         for spec in [s for item in a.infill_tracks or () for s in str(item).split(',') if s.strip()]:
-            if spec.strip().isdigit():
-                if int(spec) >= len(heads): raise ValueError(f"--infill_tracks {spec}: the prompt has tracks 0..{len(heads) - 1} ({named})")
-                tracks.add(int(spec)); continue
-            h = track_token(tok, spec)
-            hit = [k for k, t in enumerate(heads) if t == h or (spec.strip().lower() == 'drums' and tok.vocab[t].startswith('#D'))]
-            if not hit: raise ValueError(f"--infill_tracks {spec}: no such track in the prompt ({named})")
-            tracks.update(hit)
+            tracks.update(_tracks_named(tok, heads, spec.strip(), named))
         segs = [(t, b) for t in sorted(tracks) for b in bars]
     for spec in a.add_track or (): ids, segs = add_track(tok, ids, spec, segs)
     return ids, segs
@@ -341,6 +349,22 @@ def _regions(segs) -> list:
         if out and out[-1][0] == t and out[-1][2] == b - 1: out[-1][2] = b
         else: out.append([t, b, b])
     return [tuple(r) for r in out]
+
+def _tracks_named(tok: HIDTokenizer, heads: list, spec: str, named: str) -> list:
+    """Indices of the prompt tracks (header ids `heads`) that `--infill_tracks` item `spec` names: an index from 0, or an
+    instrument as `--tracks` takes it (drums: any kit; a name: its program, else any track of its General MIDI family
+    of eight, so `bass` finds a fretless bass); `ValueError` in one line naming the prompt's tracks."""
+    if spec.lstrip('-').isdigit():
+        if not 0 <= int(spec) < len(heads): raise ValueError(f"--infill_tracks {spec}: a track index counts from 0; the prompt has tracks 0..{len(heads) - 1} ({named})")
+        return [int(spec)]
+    try: h = track_token(tok, spec)
+    except ValueError: raise ValueError(f"--infill_tracks {spec}: neither a track index nor an instrument name ({', '.join(_PROGRAMS)}, drums); the prompt has {named}") from None
+    if tok.vocab[h].startswith('#D'): return [k for k, t in enumerate(heads) if tok.vocab[t].startswith('#D')] or _no_track(spec, named)
+    family = lambda t: int(tok.vocab[t][2:]) // 8 if tok.vocab[t].startswith('#P') else None
+    return ([k for k, t in enumerate(heads) if t == h] or [k for k, t in enumerate(heads) if family(t) == family(h)]
+            or _no_track(spec, named))
+
+def _no_track(spec, named): raise ValueError(f"--infill_tracks {spec}: no such track in the prompt ({named})")
 
 # %% ../nbs/09_generate.ipynb
 @cli_main
