@@ -124,7 +124,7 @@ def rope_positions(cfg: ModelConfig, meta: dict, masks: AttnMasks, pos=None, slo
     if cfg.rope == 'seq':
         return (rope_angles(cfg, pos.expand(m.seg.shape[0], -1)),
                 None if s_end is None else rope_angles(cfg, s_end.clamp(max=m.L - 1)))
-    is_note = (meta['kind'] <= TokenKind.VELOCITY) & (meta['pos'] >= 0)
+    is_note = (meta['kind'] <= int(TokenKind.VELOCITY)) & (meta['pos'] >= 0)     # int: torch.compile traces no IntEnum comparison
     in_bar = torch.where(is_note, meta['pos'] * 4 + meta['kind'], 0)
     return (rope_angles(cfg, None, meta['bar'] + 1, in_bar, meta['track'] + 1),
             None if s_bar is None else rope_angles(cfg, None, s_bar + 1, torch.zeros_like(s_bar), s_track + 1))
