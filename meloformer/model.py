@@ -33,7 +33,7 @@ _SIZES = dict(
     large=dict(n_layer=14, n_head=16, d_model=1024),
     xlarge=dict(n_layer=20, n_head=20, d_model=1280))
 
-ROPES = ('bar', 'track_bar', 'seq')      # the rotary variants (`rope_angles`)
+ROPES = ('track_bar', 'bar', 'seq')      # the rotary variants (`rope_angles`)
 
 @dataclass
 class ModelConfig:
@@ -42,7 +42,7 @@ class ModelConfig:
     n_head: int = 6
     d_model: int = 384
     ffn_hidden: int | None = None           # None: 8/3 d_model rounded up to a multiple of 64 (SwiGLU)
-    rope: str = 'bar'                       # 'bar': (bar index, position in bar) | 'track_bar': and track | 'seq': sequence position
+    rope: str = 'track_bar'                 # 'track_bar': (bar index, position in bar, track) | 'bar': without track | 'seq': sequence position
     rope_base: float = 10000.0
     mask: MaskConfig = field(default_factory=MaskConfig)
     attn_backend: str = 'auto'              # auto | flex | sdpa
