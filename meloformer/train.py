@@ -146,7 +146,7 @@ def plot_losses(metrics_csv, path=None, ax=None):
 
 # %% ../nbs/06_train.ipynb
 from typing import Literal
-from .model import ModelSize, Precision, Backend
+from .model import ModelSize, Precision, Backend, Rope, ROPES
 
 @dataclass
 class TrainConfig:
@@ -174,7 +174,7 @@ class TrainConfig:
     precision: Precision = 'auto';          "auto: bf16 on CUDA, fp32 on CPU"
     attn_backend: Backend = 'auto';         "auto: flex on CUDA, sdpa on CPU"
     mask_preset: Literal['museformer', 'meloformer', 'dense'] = 'museformer'; "which tokens attend to which (`MaskConfig.from_preset`)"
-    rope: Literal['track_bar', 'bar', 'seq'] = 'track_bar'; ("rotary positions: 'track_bar' (bar index, position in the bar and track: "
+    rope: Rope = 'track_bar';                 ("rotary positions: 'track_bar' (bar index, position in the bar and track: "
                                              "the same bar of every track is near, a fill sits at its gap, a token tells its own track from the others), "
                                              "'bar' (without the track) or 'seq' (position in the stream: the earlier default, which runs made with it resume with)")
     transpose: int = 0;                     "random transposition of pitched tracks, +- semitones"
@@ -225,7 +225,7 @@ def _check_counts(cfg: TrainConfig):
     for k in ('warmup_steps', 'num_workers'):
         v = getattr(cfg, k)
         if v is not None and v < 0: raise ValueError(f"--{k} {v}: must be 0 or more")
-    if cfg.rope not in ('track_bar', 'bar', 'seq'): raise ValueError(f"--rope {cfg.rope!r}: expected one of track_bar, bar, seq")
+    if cfg.rope not in ROPES: raise ValueError(f"--rope {cfg.rope!r}: expected one of {', '.join(ROPES)}")
     if not 0 <= cfg.infill_rate <= 1: raise ValueError(f"--infill_rate {cfg.infill_rate}: must be between 0 and 1 (the share of pieces rearranged for infilling)")
     if cfg.lr is not None and not cfg.lr > 0: raise ValueError(f"--lr {cfg.lr}: must be more than 0")
     if not 0 <= cfg.min_lr_frac <= 1: raise ValueError(f"--min_lr_frac {cfg.min_lr_frac}: must be between 0 and 1 (the final LR as a fraction of --lr)")
