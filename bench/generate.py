@@ -14,13 +14,14 @@ import torch
 from meloformer.tokenizer import HIDTokenizer, sample_midi_dir
 from meloformer.data import demo_midi_dir
 from meloformer.model import MeloFormer, ModelConfig
-from meloformer.attention import MaskConfig
+from meloformer.attention import MaskConfig, segment_slots
 from meloformer.generate import IncrementalDecoder
 from _common import machine_info
 
-def stream(tok, n: int) -> np.ndarray:
-    "A real token stream of at least n tokens (a shared multitrack piece, else demo pieces back to back)."
-    shared = sample_midi_dir()
+def stream(tok, n: int, demo: bool = False) -> np.ndarray:
+    """A real token stream of at least n tokens: a shared multitrack piece, else (or with `demo`) demo pieces back to back,
+    which restart their bars at each piece (size a decoder's summary slots with `summary_slots`, not `seg.max()`)."""
+    shared = None if demo else sample_midi_dir()
     files = sorted((shared / 'multitrack').glob('*.mid')) if shared else []
     for f in files:
         ids = tok.encode(f)
@@ -28,12 +29,16 @@ def stream(tok, n: int) -> np.ndarray:
     ids = np.concatenate([tok.encode(f)[:-1] for f in sorted(demo_midi_dir().glob('*.mid'))])
     return ids[:n]
 
+def summary_slots(tok, ids) -> int:
+    "Summary slots a decoder needs for ids: the model's segment count (`segment_slots`: one per run of a segment), plus one."
+    return int(segment_slots(torch.as_tensor(tok.annotate(ids)['seg'])[None]).max()) + 2
+
 def sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize()
 
 def decode_steps(model, tok, ids, ctx, steps, device, compile_kw=None, max_len=None):
     "A fresh decoder: prefill ctx tokens (eager), then `steps` one-token feeds. (seconds per step, logits of the steps)"
-    n_seg = int(tok.annotate(ids)['seg'].max()) + 2
+    n_seg = summary_slots(tok, ids)
     dec = IncrementalDecoder(model, tok, 1, max_len=max_len or ctx + steps + 8, max_segments=n_seg, device=device)
     if compile_kw is not None: dec.compile_step(**compile_kw)
     dec.feed(ids[None, :ctx]); sync(device)

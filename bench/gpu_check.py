@@ -59,7 +59,8 @@ GiB = 2 ** 30
 
 # ---------------------------------------------------------------------------------------------- time budgets
 # What each GPU item costs, in seconds, on an H100-class GPU with a cold compile cache: estimates from these unit
-# costs (no GPU run yet). START: a new Python process importing torch and meloformer and starting CUDA. FLEX:
+# costs, made before the first GPU run (2026-11-30, H200: a cold flex shape took ~26 s there; bench/README.md).
+# START: a new Python process importing torch and meloformer and starting CUDA. FLEX:
 # FlexAttention compiled forward and backward for one new shape (each stage of a layer, at each batch, head count,
 # length and dtype, is one; 15-20 s). MODEL: inductor's cold compile of the whole `small` training step, its flex
 # kernels aside (60-90 s). DECODE: the 8-layer one-token decode graph, forward only (~35 s cold; the second graph,
@@ -127,7 +128,7 @@ CONFIG = dict(
              attention=dict(lengths=(128, 256), heads=2, head_dim=32, dtype='float32', repeats=(2, 2), build_batch=1),
              memory=dict(rows=[('tiny', 1, 1024)], extra_rows=[('tiny', 2, 512)],
                          finder=dict(size='tiny', batch_size=1, budget_gb=None, multiple=128, max_len=4096, max_probes=2)),
-             generate=dict(size='tiny', ctx=256, steps=12, backend='inductor')))
+             generate=dict(size='tiny', ctx=4096, steps=12, backend='inductor')))   # the GPU's context: 4 demo pieces' ends
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -330,6 +331,14 @@ DEADLINE = float('inf')                # time.time() by which the runner cuts th
 
 
 def time_left() -> float: return DEADLINE - time.time()
+
+
+ITEM_T0 = time.perf_counter()          # reset when an item's process starts its item
+
+
+def stage(what: str):
+    "A timestamped line in the item's log as each stage starts: a cut item's log says where its time went."
+    print(f"[{time.perf_counter() - ITEM_T0:6.1f} s] {what}", flush=True)
 
 
 def sync():
@@ -645,22 +654,27 @@ def item_train(cfg, rep: Report, dry: bool) -> bool:
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
+        stage('train: the Trainer built (model, data)')
         with inductor_in_dry_run(): run = bt.Run(c['size'], c['L'], 'museformer', c['batch'], args, tmp)   # Trainer compiles here
         trainer = run.trainer
+        stage(f"train: {c['warmup'] + c['steps']} batches drawn")
         batches = [trainer._next_batch(run.phase) for _ in range(c['warmup'] + c['steps'])]   # recorded by Run, in order
         trainer._next_batch = lambda phase, queue=iter(batches): next(queue)
         S, own = fixed_summary_slots(trainer.model, batches, c['extra_slots'])
         setup_s = time.perf_counter() - t0
+        stage('train: the matmul anchor')
         anchor_before = anchor()
         if not dry: torch.cuda.reset_peak_memory_stats()
         steps, compiled_at = [], WATCH.mark()
         for i in range(c['warmup']):
+            stage(f"train: warm-up step {i + 1}" + (' (compiles the model and its flex shapes)' if i == 0 else ''))
             dt, loss, _ = run.step()
             steps.append(dict(step=f'warm-up {i + 1}', seconds=f'{dt:.2f}', loss=f'{loss:.3f}', compilations=len(WATCH.since(compiled_at))))
             rep.rows(steps); compiled_at = WATCH.mark(); WATCH.save()
         warm_alloc = torch.cuda.max_memory_allocated() / GiB if not dry else None
         if not dry: torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
         timed_at, timed = WATCH.mark(), []
+        stage(f"train: {c['steps']} timed steps")
         for i in range(c['steps']):
             dt, loss, cpu_util = run.step()
             timed.append((dt, loss, cpu_util))
@@ -753,6 +767,7 @@ def item_attention(cfg, rep: Report, dry: bool) -> bool:
     c = cfg['attention']
     dev, dtype, H, D = ('cpu' if dry else 'cuda'), getattr(torch, c['dtype']), c['heads'], c['head_dim']
     tok = HIDTokenizer()
+    stage('attention: the pieces tokenized')
     files, source = ba.midi_files()
     pieces = {p.stem: tok.annotate(tok.encode(p)) for p in files}
     longest = max(pieces, key=lambda k: len(pieces[k]['seg']))
@@ -776,6 +791,7 @@ def item_attention(cfg, rep: Report, dry: bool) -> bool:
     slowest = 0.0
     for L, reps in zip(c['lengths'], c['repeats']):            # the goal rows: flex and dense causal at each length
         t0 = time.perf_counter()
+        stage(f'attention: L = {L}: block masks')
         meta = {k: v.to(dev) for k, v in ba.to_batch(pieces[longest], L).items()}
         mf = build_masks(meta, MaskConfig(), 'flex')
         S = mf.meta.S
@@ -783,7 +799,9 @@ def item_attention(cfg, rep: Report, dry: bool) -> bool:
         q, kv_upd = leaves[2], leaves[3]
         def causal():
             F.scaled_dot_product_attention(q, kv_upd[:, :, :L], kv_upd[:, :, :L], is_causal=True).sum().backward()
+        stage(f'attention: L = {L}: flex, {reps} repeats after a warm-up (the first call compiles)')
         t_flex = median_s(layer(mf, leaves, not dry), reps)
+        stage(f'attention: L = {L}: dense causal')
         t_causal = median_s(causal, reps)
         ratio = t_causal / t_flex
         key = ('speedup_8192', 'speedup_24576')[len(rows)]           # the first length's goal, the second's (dry: 128, 256)
@@ -860,6 +878,7 @@ def item_memory(cfg, rep: Report, dry: bool) -> bool:
         if rows and time.time() + slowest[0] + 10 > DEADLINE: return False
         t0 = time.perf_counter()
         row = dict(size=size_, batch=B, seq_len=L, why=why)
+        stage(f'memory: {size_}, batch {B} x {L} ({why})')
         try: r = compare_estimates([(size_, B, L)], device=dev, **kw).iloc[0]
         except torch.cuda.OutOfMemoryError:
             row.update(measured_GiB='out of memory'); measured[(size_, B, L)] = None
@@ -931,11 +950,11 @@ def item_generate(cfg, rep: Report, dry: bool) -> bool:
     dev = 'cpu' if dry else 'cuda'
     ctx, n = c['ctx'], c['steps']
     tok = HIDTokenizer()
-    ids = bg.stream(tok, ctx + n + 1)
+    ids = bg.stream(tok, ctx + n + 1, demo=True)             # what the GPU machine (no shared/midi) gets
     seg = tok.annotate(ids)['seg']
     closing = int(sum(seg[i] != seg[i - 1] and seg[i - 1] >= 0 for i in range(ctx, ctx + n)))   # steps that close a segment
     expected = int(closing > 0) + int(closing < n)                   # graphs: a closing step's, a plain step's
-    n_seg = int(seg.max()) + 2
+    n_seg = bg.summary_slots(tok, ids)
     torch.manual_seed(0)
     model = MeloFormer(ModelConfig.from_size(c['size'], vocab_size=tok.vocab_size)).to(dev).eval()
     rep.add(f"`{c['size']}` (fp32, batch 1, `museformer` masks), a real token stream teacher forced: prefill {ctx} tokens (eager), "
@@ -951,6 +970,7 @@ def item_generate(cfg, rep: Report, dry: bool) -> bool:
             dec = mg.IncrementalDecoder(model, tok, 1, max_len=ctx + n + 8, max_segments=n_seg, device=dev)
             if compile_kw is not None: dec.compile_step(**compile_kw)
             with torch.no_grad():
+                stage(f"generate: {'compiled' if compile_kw else 'eager'}, {'timed' if timed else 'untimed'} pass: prefill {ctx}, then {n} steps")
                 dec.feed(ids[None, :ctx]); sync()
                 at, t0 = WATCH.mark(), time.perf_counter()
                 for i in range(ctx, ctx + n): dec.feed(ids[None, i:i + 1])
@@ -1015,8 +1035,9 @@ def inductor_in_dry_run():
 
 def run_item(item: str, out_dir: Path, dry: bool, run_id: str, deadline: float) -> int:
     "In a child process: one item, its report; exit 0 (passed), 1 (a check failed) or 3 (the item raised)."
-    global WATCH, DEADLINE, STATS
+    global WATCH, DEADLINE, STATS, ITEM_T0
     t0, DEADLINE = time.perf_counter(), deadline
+    ITEM_T0 = t0
     STATS = out_dir / 'logs' / f'{item}.json'
     import torch
     torch.manual_seed(0)
