@@ -191,21 +191,31 @@ def add_track(tok: HIDTokenizer, ids, spec, segments=()) -> tuple[np.ndarray, li
     return np.array(out, np.int64), segs
 
 # %% ../nbs/09_generate.ipynb
+def _finish(tok: HIDTokenizer, out: list, forced: list, n_prefix: int, infill, settle: bool = True) -> tuple[list, int]:
+    """(the streams `generate` returns from its rows of ids, tokens dropped): with `settle`, the prompt's notes (an infill's
+    piece, a continuation's forced notes) fixed and the sampled ones settled around them (`tok.settle_notes`); then an
+    infill's fills merged."""
+    fixed = [np.arange(len(o)) < n_prefix if infill is not None else np.array(fo) for o, fo in zip(out, forced)]
+    streams = [tok.settle_notes(np.array(o, np.int64), fx) if settle else np.array(o, np.int64) for o, fx in zip(out, fixed)]
+    dropped = sum(map(len, out)) - sum(map(len, streams))
+    return ([tok.merge_fills(x) for x in streams] if infill is not None else streams), dropped
+
+# %% ../nbs/09_generate.ipynb
 @torch.no_grad()
 def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num_samples: int = 1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, max_len: int | None = None, max_bar_notes: int | None = 32,
-             progress: bool = False, infill=None) -> tuple[list, dict]:
+             progress: bool = False, infill=None, settle: bool = True) -> tuple[list, dict]:
     """Sample `num_samples` id streams that follow the grammar and `plan`, with cached decoding: (list of int64 arrays, stats).
     Stats: `prefix_tokens` (per sample, fed as one chunk), `fixed_tokens` (all samples: tokens the grammar left no choice
     in: the plan's header and prompt bars, `SEP`s, a track header, bar or `EOS` where nothing else may come), `sampled_tokens`
-    (all samples: drawn from the model among several allowed), `seconds` (the whole call), `prefill_s` (feeding the prefix) and
+    (all samples: drawn among several allowed), `seconds` (the whole call), `prefill_s` (feeding the prefix) and
     `tokens_per_s` (sampled tokens per second of decoding: the call less the prefill). Raises `ValueError` naming the argument or plan field that is out of range
     (`num_samples` >= 1, `max_len` in 1..`MAX_LEN`, `temperature` >= 0, `top_k` >= 0, `top_p` in (0, 1], `max_bar_notes` >= 1,
     `seed` in -2**63..2**64-1, `Plan.check`), when `max_len` cannot hold the shortest piece of the plan, and when the decode
     cache of `num_samples` rows of `max_len` tokens needs more memory than the device has free. `infill=(ids, segments)`:
     regenerate the (track, bar) segments (0-based) of the continuation stream ids with the rest of the piece on both sides
     (`_infill_setup`; no plan then): the streams returned are continuation streams (`tok.merge_fills`), the prompt's
-    other tokens kept."""
+    other tokens kept. `settle`: sampled notes a MIDI file could not hold give way (`tok.settle_notes`; `dropped_tokens`)."""
     from tqdm.auto import tqdm
     _check_sampling(num_samples, temperature, top_k, top_p, seed, max_len, max_bar_notes)
     if infill is not None:
@@ -227,6 +237,7 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
     for st in states:
         for i in prefix: st.step(i)
     out = [list(prefix) for _ in range(num_samples)]
+    forced = [[True] * len(prefix) for _ in range(num_samples)]      # per token: the grammar allowed it alone
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     logits = dec.prefill(torch.tensor(prefix)[None].expand(num_samples, -1))
@@ -237,18 +248,17 @@ def generate(model: MeloFormer, tok: HIDTokenizer, plan: Plan | None = None, num
         allowed = torch.stack([st.allowed() for st in states])
         sampled += (allowed.sum(-1) > 1) & torch.tensor([not st.done for st in states])
         nxt = sample_next(logits, allowed.to(logits.device), temperature, top_k, top_p, gen).cpu()
-        for st, o, i in zip(states, out, nxt.tolist()):
-            if not st.done: o.append(i); st.step(i)
+        for st, o, fo, i, n_ok in zip(states, out, forced, nxt.tolist(), allowed.sum(-1).tolist()):
+            if not st.done: o.append(i); fo.append(n_ok == 1); st.step(i)
         bar.update(1)
         if all(st.done for st in states): break
         logits = dec.feed(nxt[:, None].to(dec.device))[:, -1]
     bar.close()
     seconds = time.perf_counter() - t0
     n_sampled = int(sampled.sum())
-    streams = [np.array(o, np.int64) for o in out]
-    if infill is not None: streams = [tok.merge_fills(x) for x in streams]
+    streams, dropped = _finish(tok, out, forced, len(prefix), infill, settle)
     return streams, dict(
-        prefix_tokens=len(prefix), fixed_tokens=sum(map(len, out)) - n_sampled, sampled_tokens=n_sampled,
+        prefix_tokens=len(prefix), fixed_tokens=sum(map(len, out)) - n_sampled, sampled_tokens=n_sampled, dropped_tokens=dropped,
         seconds=seconds, prefill_s=t_prefill, tokens_per_s=n_sampled / max(seconds - t_prefill, 1e-9))
 
 # %% ../nbs/09_generate.ipynb

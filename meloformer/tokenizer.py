@@ -1127,6 +1127,38 @@ def merge_fills(self: HIDTokenizer, ids) -> np.ndarray:
     return np.r_[out, self.eos_id].astype(np.int64)
 
 # %% ../nbs/00_tokenizer.ipynb
+@patch
+def settle_notes(self: HIDTokenizer, ids, fixed) -> np.ndarray:
+    """ids (a continuation or infill stream, 1-D) with its free notes made to survive a MIDI file beside the fixed ones:
+    per (track, pitch), in time order, a free note that starts while a fixed note sounds, or at the onset of a kept free
+    note, is dropped (its 4 tokens), and a free note still sounding when the next kept note starts is cut to end there
+    (its duration token). `fixed`: bool
+    per token, read at each note's onset token; a fixed note is never changed. Times from the stream's meter map (steps).
+    `ValueError` when `fixed` is not one bool per token."""
+    ids = _id_array(ids, self.vocab_size, 'settle_notes')
+    fixed = np.asarray(fixed, bool)
+    if fixed.shape != ids.shape: raise ValueError(f"settle_notes: fixed has shape {fixed.shape}, ids {ids.shape}: one bool per token")
+    m, r = self.annotate(ids), self.ranges
+    kind, n = m['kind'], len(ids)
+    on = np.flatnonzero((kind[:max(n - 3, 0)] == TokenKind.ONSET) & (m['bar'][:max(n - 3, 0)] >= 0))
+    on = on[(kind[on + 1] == TokenKind.PITCH) & (kind[on + 2] == TokenKind.DURATION) & (kind[on + 3] == TokenKind.VELOCITY)]
+    if not len(on) or fixed[on].all(): return ids
+    _, bar_starts = _decode_meter_tempo(self, ids, m['track'], m['bar'], np.flatnonzero(self._is_program[ids]))
+    start = bar_starts[m['bar'][on]] // (self.config.decode_ticks_per_quarter // self.config.steps_per_quarter) + ids[on] - r['onset'][0]
+    end = start + ids[on + 2] - r['dur'][0] + 1
+    out, drop = ids.copy(), np.zeros(n, bool)
+    order = np.lexsort((~fixed[on], start, ids[on + 1], m['track'][on]))     # by track, pitch, start; fixed first on ties
+    kept = []                                                               # (start, end, position) of the group's kept notes
+    for a, b in zip(order, np.r_[order[1:], -1]):
+        if kept and (m['track'][on[a]], ids[on[a] + 1]) != (m['track'][on[kept[-1][2]]], ids[on[kept[-1][2]] + 1]): kept = []
+        if not fixed[on[a]] and any(s <= start[a] < e and (fixed[on[q]] or s == start[a]) for s, e, q in kept):
+            drop[on[a]:on[a] + 4] = True; continue                          # under a fixed note, or a duplicate
+        for k, (s, e, q) in enumerate(kept):                                # a free note sounding when this one starts: cut
+            if not fixed[on[q]] and e > start[a]: kept[k] = (s, start[a], q); out[on[q] + 2] = r['dur'][0] + start[a] - s - 1
+        kept.append((start[a], end[a], a))
+    return out[~drop]
+
+# %% ../nbs/00_tokenizer.ipynb
 LOSS_KINDS = {
     'notes_invalid': "notes with a negative time or a pitch outside 0..127",
     'notes_after_max_bars': "notes after max_bars, dropped",
