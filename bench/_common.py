@@ -13,7 +13,7 @@ def machine_info(device: str = 'cpu') -> dict:
 def machine() -> str:
     "One line for a results header."
     m = machine_info()
-    return f"{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), GPU: {m['gpu']}; torch {m['torch']}, Python {m['python']}; {m['date']}"
+    return f"{m['cpu']}, {m['cores']} cores ({m['threads']} torch thread{'s' if m['threads'] != 1 else ''}), GPU: {m['gpu']}; torch {m['torch']}, Python {m['python']}; {m['date']}"
 
 
 def median_time(fn, repeats: int) -> float:

@@ -103,6 +103,7 @@ def main():
     p.add_argument('--compile_steps', type=int, default=48, help="one-token steps per repeat (eager vs compiled)")
     p.add_argument('--device', default='cpu', help="cpu | cuda (eager vs compiled table only)")
     p.add_argument('--mode', default=None, help="torch.compile mode of the step (default: reduce-overhead on CUDA, none on CPU)")
+    p.add_argument('--out', default=None, help="results file (default: bench/results/generate.md, or generate_<device>.md off CPU)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     mode = a.mode or ('reduce-overhead' if a.device == 'cuda' else None)   # CUDA graphs replay the step on CUDA
@@ -148,7 +149,7 @@ def main():
         table += ''.join(f"| {s} | {c} | {e:.1f} | {x:.1f} | {x / e:.2f}x | {k} | {g} | {n} | {w:.0f} | {r:.0e} |\n"
                          for s, c, e, x, k, g, n, w, r in crows)
     print(table)
-    out = Path(__file__).parent / 'results'; out.mkdir(exist_ok=True)
-    (out / ('generate.md' if a.device == 'cpu' else f'generate_{a.device}.md')).write_text(head + table)
+    out = Path(a.out) if a.out else Path(__file__).parent / 'results' / ('generate.md' if a.device == 'cpu' else f'generate_{a.device}.md')
+    out.parent.mkdir(parents=True, exist_ok=True); out.write_text(head + table)
 
 if __name__ == '__main__': main()

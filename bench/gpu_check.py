@@ -537,7 +537,7 @@ def item_gpu_cells(cfg, rep: Report, dry: bool) -> bool:
             (" Dry run: the definitions run, each gpu cell is compiled and every global name and attribute chain it reads is "
              "resolved; the cells themselves need CUDA (FlexAttention has no CPU backward)" + (
              "; `--rehearse`: each also runs on CPU (device 'cpu', `tiny`, lengths 256) up to its first flex backward." if REHEARSE
-             else f", so they do not run (`--rehearse` runs them on CPU up to their first flex backward, {REHEARSE_EXTRA})." ) if dry else '.'))
+             else f", so they do not run (`--rehearse` runs them on CPU up to their first flex backward, {REHEARSE_EXTRA})." ) if dry else ''))
     if len(dups) != 1:
         rep.add(f"**FAIL**: {len(dups)} gpu cells of {dup_nb} hold *{dup_text}* (expected 1): update `DUPLICATE_OF_TRAIN` "
                 "in bench/gpu_check.py to the cell that `train` stands in for."); ok = False
@@ -548,6 +548,7 @@ def item_gpu_cells(cfg, rep: Report, dry: bool) -> bool:
         ns = module.__dict__
         t0 = time.perf_counter()
         prereq = dict(notebook=nb.name, cell='definitions the gpu cells read', status='running')
+        stage(f'gpu_cells: {nb.name}: the definitions its gpu cells read')
         rows.append(prereq); rep.rows(rows)
         try:
             for (i, j), st in plan['prereq']: exec(compile(st, f'{nb.name}:cell{i}', 'exec'), ns)
@@ -561,6 +562,7 @@ def item_gpu_cells(cfg, rep: Report, dry: bool) -> bool:
         for i, src in plan['gpu']:
             first = next((l.strip() for l in src.splitlines() if l.strip() and not l.strip().startswith('#|')), '')[:110]
             row = dict(notebook=nb.name, cell=f'{i}: {first}', status='running')
+            stage(f'gpu_cells: {nb.name} cell {i}')
             rows.append(row); rep.rows(rows)
             t0 = time.perf_counter()
             if (nb, i) in dups and not dry:
@@ -958,7 +960,7 @@ def item_generate(cfg, rep: Report, dry: bool) -> bool:
     torch.manual_seed(0)
     model = MeloFormer(ModelConfig.from_size(c['size'], vocab_size=tok.vocab_size)).to(dev).eval()
     rep.add(f"`{c['size']}` (fp32, batch 1, `museformer` masks), a real token stream teacher forced: prefill {ctx} tokens (eager), "
-            f"then {n} one-token steps through `IncrementalDecoder.feed` ({closing} of them close a segment and run the summary "
+            f"then {n} one-token steps through `IncrementalDecoder.feed` ({closing} of them {'closes' if closing == 1 else 'close'} a segment and run{'s' if closing == 1 else ''} the summary "
             f"branch), twice, each pass with a new decoder: an untimed pass, then the same positions timed. Compiled: "
             f"`IncrementalDecoder.compile_step(backend={c['backend']!r}, fullgraph=True)` (the prefill stays eager; fixed shapes: "
             f"{expected} graph(s) expected, no recompile as the context grows); any compilation in the timed pass fails the item." +

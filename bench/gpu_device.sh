@@ -7,7 +7,8 @@
 #
 # DIR receives at most 8 plain files, none in a subfolder: <item>.md (5), summary.md, logs.tar.gz (the items' logs,
 # nvidia-smi's and pip's output) and device.log (this script's console, written as it runs). gpu_check.py's own folder
-# and the compile cache stay outside DIR, under $GPU_CHECK_WORK (default /tmp/meloformer-gpu-check): a rerun on the
+# and the compile cache stay outside DIR, under $GPU_CHECK_WORK (default /tmp/meloformer-gpu-check; with --dry-run, a new temp
+# folder, so a rehearsal returns its own items only): a rerun on the
 # same machine while it is still held loads what the first run compiled, and its summary.md holds the items of both.
 # The whole check is bounded by gpu_check.py (540 s on the GPU) and, should it hang, by `timeout` 40 s later.
 set -uo pipefail
@@ -20,6 +21,7 @@ export_dir=$1; shift
 if ! mkdir -p "$export_dir" || ! [ -w "$export_dir" ]; then echo "gpu_device.sh: $export_dir: not a folder it can write to" >&2; exit 2; fi
 export_dir=$(cd "$export_dir" && pwd)
 work=${GPU_CHECK_WORK:-/tmp/meloformer-gpu-check}
+if [ ${#dry[@]} -gt 0 ] && [ -z "${GPU_CHECK_WORK:-}" ]; then work=$(mktemp -d); fi   # a rehearsal: its own folder, no other run's items
 results=$work/results cache=$work/compile_cache site=$work/site
 PY=${PYTHON:-python3}
 limit=$(( ${#dry[@]} ? 640 : 580 ))

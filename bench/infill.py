@@ -19,7 +19,7 @@ Writes the tables to bench/results/infill.md (or `--out`).
 
     python bench/infill.py                  # two 300-step trainings (~8 min CPU each; ~25 min wall each on a loaded 2-core machine) and the scoring (~5 min)
     python bench/infill.py --runs DIR       # keep the runs in DIR; a finished run there is reused, not retrained
-    python bench/infill.py --quick          # a smoke run (20 steps, 3 pieces, 2 fills)
+    python bench/infill.py --quick          # a smoke run (20 steps unless --steps says, 3 pieces, 2 fills)
 """
 import argparse, json, math, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -68,6 +68,7 @@ def train_run(run: Path, rate: float, a) -> dict:
         settings = json.loads((run / 'run.json').read_text())['settings'] if (run / 'run.json').is_file() else {}
         want = dict(infill_rate=rate, rope=a.rope or TrainConfig().rope, model_size='tiny', max_seq_len=a.max_seq_len, batch_size=8, seed=a.seed)
         got = dict(settings, infill_rate=have.get('infill_rate', 0), rope=have.get('rope', 'seq'))   # a config without rope: 'seq'
+        want['steps'], got['steps'] = a.steps, int(pd.read_csv(run / 'metrics.csv').step.max())
         if diff := [f"{k} {got.get(k)!r} (this command: {v!r})" for k, v in want.items() if got.get(k) != v]:
             raise SystemExit(f"{run}: a finished run made with other settings: {'; '.join(diff)}: give another --runs")
     else:
@@ -105,7 +106,7 @@ def draw_spans(tok, valid, a) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--steps', type=int, default=300, help='training steps of each model (default 300, the CPU default)')
+    p.add_argument('--steps', type=int, default=None, help='training steps of each model (default 300, the CPU default; --quick: 20)')
     p.add_argument('--seed', type=int, default=0, help='training seed and the seed of the span draw and sampling')
     p.add_argument('--infill_rate', type=float, default=0.3, help='the infill model\'s --infill_rate (the other: 0)')
     p.add_argument('--rope', choices=ROPES, default=None, help='both models\' --rope (default: the trainer\'s, ' + TrainConfig().rope + ')')
@@ -116,7 +117,8 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help='smoke run: 20 steps, 3 pieces, 2 fills, results to a temporary file')
     p.add_argument('--out', default=None, help=f'results file (default {OUT.relative_to(OUT.parents[2])})')
     a = p.parse_args(argv)
-    if a.quick: a.steps, a.pieces, a.fills = 20, 3, 2
+    if a.quick: a.pieces, a.fills = 3, 2
+    a.steps = a.steps or (20 if a.quick else 300)
     out = Path(a.out) if a.out else (Path(tempfile.mkdtemp()) / 'infill.md' if a.quick else OUT)
     root = Path(a.runs or tempfile.mkdtemp())
     t_all = time.perf_counter()

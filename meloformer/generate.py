@@ -408,7 +408,8 @@ def main(argv=None) -> int:
         print(f"wrote {path} and {path.with_suffix('.png').name}: {len(x)} tokens, {sum(len(i.notes) for i in midi.instruments)} notes")
     print(f"{stats['sampled_tokens']} tokens sampled in {stats['seconds'] - stats['prefill_s']:.1f}s after a {stats['prefill_s']:.1f}s "
           f"prefill of {stats['prefix_tokens']} tokens: {stats['tokens_per_s']:.0f} tokens/s "
-          f"({len(ids)} sample{'s' if len(ids) != 1 else ''}; {stats['fixed_tokens']} tokens fixed by the prompt and the grammar, not counted)")
+          f"({len(ids)} sample{'s' if len(ids) != 1 else ''}; {stats['fixed_tokens']} tokens fixed by the prompt and the grammar, not counted"
+          f"{'; ' + str(stats['dropped_tokens']) + ' tokens of notes a MIDI file cannot hold over others of their pitch dropped' if stats['dropped_tokens'] else ''})")
     return 0
 
 # %% ../nbs/09_generate.ipynb
