@@ -1134,10 +1134,17 @@ def settle_notes(self: HIDTokenizer, ids, fixed) -> np.ndarray:
     note, is dropped (its 4 tokens), and a free note still sounding when the next kept note starts is cut to end there
     (its duration token). `fixed`: bool
     per token, read at each note's onset token; a fixed note is never changed. Times from the stream's meter map (steps).
-    `ValueError` when `fixed` is not one bool per token."""
+    `ValueError` when `fixed` is not one bool (or 0/1) per token, or an id is outside the vocabulary. Stricter than most
+    MIDI readers need (they pair a note-off with the earliest sounding note-on of its pitch, so a later note that also
+    ends later would survive): the stream is then right for any reader. Notes of a fixed part that a file cannot hold
+    as written (a prompt's, read from a file and snapped to the grid) stay as they are."""
     ids = _id_array(ids, self.vocab_size, 'settle_notes')
-    fixed = np.asarray(fixed, bool)
-    if fixed.shape != ids.shape: raise ValueError(f"settle_notes: fixed has shape {fixed.shape}, ids {ids.shape}: one bool per token")
+    if len(bad := np.flatnonzero((ids < 0) | (ids >= self.vocab_size))):
+        raise ValueError(f"settle_notes: id {ids[bad[0]]} at position {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+    f = np.asarray(fixed)
+    if f.shape != ids.shape or not (f.dtype == bool or f.dtype.kind in 'iu' and np.isin(f, (0, 1)).all()):
+        raise ValueError(f"settle_notes: fixed must be one bool per token ({len(ids)}), not {f.dtype} of shape {f.shape}")
+    fixed = f.astype(bool)
     m, r = self.annotate(ids), self.ranges
     kind, n = m['kind'], len(ids)
     on = np.flatnonzero((kind[:max(n - 3, 0)] == TokenKind.ONSET) & (m['bar'][:max(n - 3, 0)] >= 0))
