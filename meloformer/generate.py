@@ -335,7 +335,8 @@ def _infill_request(tok: HIDTokenizer, ids, a) -> tuple[np.ndarray, list]:
     m = tok.annotate(ids)
     heads = [int(i) for i in ids if i in tok.ranges['program']]
     n_bars = int(((m['kind'] == TokenKind.BAR) & (m['track'] == 0)).sum())
-    named = ', '.join(f'{k} {tok.vocab[h]}' for k, h in enumerate(heads))
+    label = lambda v: 'drums' if v.startswith('#D') else next((n for n, q in _PROGRAMS.items() if q == int(v[2:])), f'program {v[2:]}')
+    named = ', '.join(f'{k} {label(tok.vocab[h])}' for k, h in enumerate(heads))      # "0 drums, 1 bass, 2 program 19
     segs = []
     if a.infill_bars is not None or a.infill_tracks:
         bars = range(n_bars)
@@ -349,7 +350,9 @@ def _infill_request(tok: HIDTokenizer, ids, a) -> tuple[np.ndarray, list]:
         for spec in [s for item in a.infill_tracks or () for s in str(item).split(',') if s.strip()]:
             tracks.update(_tracks_named(tok, heads, spec.strip(), named))
         segs = [(t, b) for t in sorted(tracks) for b in bars]
-    for spec in a.add_track or (): ids, segs = add_track(tok, ids, spec, segs)
+    for spec in a.add_track or ():
+        try: ids, segs = add_track(tok, ids, spec, segs)
+        except ValueError as e: raise ValueError(f"--add_track {spec}: {e}") from None
     return ids, segs
 
 def _regions(segs) -> list:
