@@ -702,6 +702,12 @@ def _decode_meter_tempo(tok, ids: np.ndarray, track: np.ndarray, bar: np.ndarray
     return midi, bar_starts
 
 # %% ../nbs/00_tokenizer.ipynb
+def _note_starts(kind: np.ndarray, bar: np.ndarray) -> np.ndarray:
+    "Positions of the notes' onset tokens: a note is four consecutive tokens onset, pitch, duration, velocity inside a bar."
+    n = len(kind)
+    start = np.flatnonzero((kind[:max(n - 3, 0)] == TokenKind.ONSET) & (bar[:max(n - 3, 0)] >= 0))
+    return start[(kind[start + 1] == TokenKind.PITCH) & (kind[start + 2] == TokenKind.DURATION) & (kind[start + 3] == TokenKind.VELOCITY)]
+
 def _decode(tok, ids) -> miditoolkit.MidiFile:
     cfg, r = tok.config, tok.ranges
     ids = _id_array(ids, tok.vocab_size)
@@ -711,10 +717,7 @@ def _decode(tok, ids) -> miditoolkit.MidiFile:
     ids = ids[:eos[0]] if len(eos) else ids
     meta = tok.annotate(ids)
     kind, track, bar = meta['kind'], meta['track'], meta['bar']
-    # a note is four consecutive tokens onset, pitch, duration, velocity inside a bar; anything else is skipped
-    n = len(ids)
-    start = np.flatnonzero((kind[:max(n - 3, 0)] == TokenKind.ONSET) & (bar[:max(n - 3, 0)] >= 0))
-    start = start[(kind[start + 1] == TokenKind.PITCH) & (kind[start + 2] == TokenKind.DURATION) & (kind[start + 3] == TokenKind.VELOCITY)]
+    start = _note_starts(kind, bar)
     prog_at = np.flatnonzero(tok._is_program[ids])
     programs = [tok.program_of(i) for i in ids[prog_at].tolist()]
     midi, bar_starts = _decode_meter_tempo(tok, ids, track, bar, prog_at)
@@ -1146,23 +1149,22 @@ def settle_notes(self: HIDTokenizer, ids, fixed) -> np.ndarray:
         raise ValueError(f"settle_notes: fixed must be one bool per token ({len(ids)}), not {f.dtype} of shape {f.shape}")
     fixed = f.astype(bool)
     m, r = self.annotate(ids), self.ranges
-    kind, n = m['kind'], len(ids)
-    on = np.flatnonzero((kind[:max(n - 3, 0)] == TokenKind.ONSET) & (m['bar'][:max(n - 3, 0)] >= 0))
-    on = on[(kind[on + 1] == TokenKind.PITCH) & (kind[on + 2] == TokenKind.DURATION) & (kind[on + 3] == TokenKind.VELOCITY)]
+    on, n = _note_starts(m['kind'], m['bar']), len(ids)
     if not len(on) or fixed[on].all(): return ids
     _, bar_starts = _decode_meter_tempo(self, ids, m['track'], m['bar'], np.flatnonzero(self._is_program[ids]))
     start = bar_starts[m['bar'][on]] // (self.config.decode_ticks_per_quarter // self.config.steps_per_quarter) + ids[on] - r['onset'][0]
     end = start + ids[on + 2] - r['dur'][0] + 1
     out, drop = ids.copy(), np.zeros(n, bool)
     order = np.lexsort((~fixed[on], start, ids[on + 1], m['track'][on]))     # by track, pitch, start; fixed first on ties
-    kept = []                                                               # (start, end, position) of the group's kept notes
-    for a, b in zip(order, np.r_[order[1:], -1]):
-        if kept and (m['track'][on[a]], ids[on[a] + 1]) != (m['track'][on[kept[-1][2]]], ids[on[kept[-1][2]] + 1]): kept = []
-        if not fixed[on[a]] and any(s <= start[a] < e and (fixed[on[q]] or s == start[a]) for s, e, q in kept):
+    sounding, group = [], None                       # (start, end, note) of the group's kept notes still sounding
+    for a in order:
+        if (key := (m['track'][on[a]], ids[on[a] + 1])) != group: sounding, group = [], key
+        sounding = [x for x in sounding if x[1] > start[a]]               # ended notes meet no later note
+        if not fixed[on[a]] and any(fixed[on[q]] or s == start[a] for s, _, q in sounding):
             drop[on[a]:on[a] + 4] = True; continue                          # under a fixed note, or a duplicate
-        for k, (s, e, q) in enumerate(kept):                                # a free note sounding when this one starts: cut
-            if not fixed[on[q]] and e > start[a]: kept[k] = (s, start[a], q); out[on[q] + 2] = r['dur'][0] + start[a] - s - 1
-        kept.append((start[a], end[a], a))
+        for s, _, q in sounding:                                            # a free note sounding when this one starts: cut
+            if not fixed[on[q]]: out[on[q] + 2] = r['dur'][0] + start[a] - s - 1
+        sounding = [x for x in sounding if fixed[on[x[2]]]] + [(start[a], end[a], a)]
     return out[~drop]
 
 # %% ../nbs/00_tokenizer.ipynb
